@@ -1,0 +1,202 @@
+"""Qwen-Image: Qwen2.5-VL text encoder, AutoencoderKLQwenImage, QwenImageTransformer2DModel.
+
+Units follow what `diffusers.QwenImagePipeline` does at inference, so a LoRA trained here matches
+how the pipeline conditions the transformer: the prompt goes through the pipeline's chat template,
+the template's prefix tokens are dropped from the last hidden state, latents are normalized with
+the VAE's `latents_mean`/`latents_std` and packed into 2x2 patches.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from autosplit.adapters.base import ValueLayout
+from autosplit.graph import Unit, UnitContext
+
+PROMPT_TEMPLATE = (
+    "<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, text, "
+    "spatial relationships of the objects and background:<|im_end|>\n<|im_start|>user\n{}<|im_end|>\n"
+    "<|im_start|>assistant\n"
+)
+MAX_PROMPT_TOKENS = 1024  # QwenImagePipeline.tokenizer_max_length
+
+_TINY_CORPUS = [
+    "a photo of a red cube on a blue table",
+    "a green sphere beside a yellow cone in soft light",
+    "Describe the image by detailing the color, shape, size, texture, quantity, text, spatial "
+    "relationships of the objects and background",
+    "stripes, checkerboard, gradient, circles, noise, sunset, ocean, forest, city at night",
+]
+
+
+def template_prefix_len(tokenizer: Any) -> int:
+    """Number of tokens of the chat template before the prompt (34 for the real Qwen tokenizer)."""
+    prefix = PROMPT_TEMPLATE.split("{}")[0]
+    return len(tokenizer(prefix).input_ids)
+
+
+def encode_prompt(values: Mapping[str, Any], ctx: UnitContext) -> dict[str, Any]:
+    tokenizer, text_encoder = ctx.components["tokenizer"], ctx.components["text_encoder"]
+    drop = template_prefix_len(tokenizer)
+    texts = [PROMPT_TEMPLATE.format(p) for p in values["prompt"]]
+    tokens = tokenizer(texts, max_length=MAX_PROMPT_TOKENS + drop, padding=True, truncation=True,
+                       return_tensors="pt").to(ctx.device)
+    hidden = text_encoder(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask,
+                          output_hidden_states=True).hidden_states[-1]
+    per_sample = [h[m.bool()][drop:] for h, m in zip(hidden, tokens.attention_mask)]
+    longest = max(e.shape[0] for e in per_sample)
+    embeds = torch.stack([torch.nn.functional.pad(e, (0, 0, 0, longest - e.shape[0])) for e in per_sample])
+    mask = torch.stack([
+        torch.arange(longest, device=ctx.device) < e.shape[0] for e in per_sample
+    ]).to(torch.int64)
+    return {"prompt_embeds": embeds.to(ctx.dtype), "prompt_embeds_mask": mask}
+
+
+def encode_image(values: Mapping[str, Any], ctx: UnitContext) -> dict[str, Any]:
+    vae = ctx.components["vae"]
+    image = values["image"].to(ctx.device, vae.dtype).unsqueeze(2)  # B,3,1,H,W (video VAE)
+    dist = vae.encode(image).latent_dist
+    z = dist.mode()  # deterministic; sampling the posterior would make this a stage-2 unit
+    cfg = vae.config
+    mean = torch.tensor(cfg.latents_mean, device=z.device, dtype=z.dtype).view(1, -1, 1, 1, 1)
+    std = torch.tensor(cfg.latents_std, device=z.device, dtype=z.dtype).view(1, -1, 1, 1, 1)
+    return {"image_latents": ((z - mean) / std)[:, :, 0].to(ctx.dtype)}  # B,16,h,w
+
+
+def pack_latents(latents_bchw: torch.Tensor) -> torch.Tensor:
+    b, c, h, w = latents_bchw.shape
+    x = latents_bchw.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack_latents(packed: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    b, _, c4 = packed.shape
+    x = packed.view(b, h // 2, w // 2, c4 // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, c4 // 4, h, w)
+
+
+def denoise(values: Mapping[str, Any], ctx: UnitContext) -> dict[str, Any]:
+    transformer = ctx.components["transformer"]
+    noisy = values["noisy_latents"]
+    b, _, h, w = noisy.shape
+    pred = transformer(
+        hidden_states=pack_latents(noisy).to(ctx.dtype),
+        timestep=values["timestep"].to(ctx.dtype) / 1000,
+        encoder_hidden_states=values["prompt_embeds"].to(ctx.dtype),
+        encoder_hidden_states_mask=values["prompt_embeds_mask"],
+        img_shapes=[[(1, h // 2, w // 2)]] * b,
+        return_dict=False,
+    )[0]
+    return {"model_pred": unpack_latents(pred, h, w)}
+
+
+class QwenImageAdapter:
+    """The Qwen-Image family (`QwenImagePipeline` folders)."""
+
+    name = "qwen_image"
+    pipeline_class = "QwenImagePipeline"
+    base_model_aliases = {"dit": "transformer", "transformer": "transformer"}
+    image_multiple = 16  # VAE /8, then 2x2 patches
+    default_lora_targets = (
+        "to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj", "to_out.0", "to_add_out",
+        "img_mlp.net.2", "img_mod.1", "txt_mlp.net.2", "txt_mod.1",
+    )
+
+    def family_units(self) -> list[Unit]:
+        return [
+            Unit("encode_prompt", ("prompt",), ("prompt_embeds", "prompt_embeds_mask"), encode_prompt,
+                 components=("tokenizer", "text_encoder"),
+                 doc="chat template -> Qwen2.5-VL last hidden state, template prefix dropped"),
+            Unit("encode_image", ("image",), ("image_latents",), encode_image, components=("vae",),
+                 doc="VAE posterior mode, normalized with latents_mean/std"),
+            Unit("denoise", ("noisy_latents", "timestep", "prompt_embeds", "prompt_embeds_mask"),
+                 ("model_pred",), denoise, components=("transformer",),
+                 doc="transformer velocity prediction on 2x2-packed latents"),
+        ]
+
+    def value_layouts(self) -> dict[str, ValueLayout]:
+        text = ValueLayout(ragged_axis=0, max_len=MAX_PROMPT_TOKENS)
+        return {"prompt_embeds": text, "prompt_embeds_mask": text}
+
+    def load_component(self, root: Path, name: str, *, device: torch.device, dtype: torch.dtype) -> Any:
+        from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
+        from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+
+        if name == "tokenizer":
+            return AutoTokenizer.from_pretrained(root / "tokenizer")
+        if name == "scheduler":
+            return FlowMatchEulerDiscreteScheduler.from_pretrained(root / "scheduler")
+        classes = {
+            "transformer": QwenImageTransformer2DModel,
+            "vae": AutoencoderKLQwenImage,
+            "text_encoder": Qwen2_5_VLForConditionalGeneration,
+        }
+        model = classes[name].from_pretrained(root / name, torch_dtype=dtype)
+        return model.to(device)
+
+    def save_lora(self, output_dir: Path, state_dict: dict[str, torch.Tensor], *, weight_name: str,
+                  metadata: dict[str, Any] | None = None) -> Path:
+        from diffusers import QwenImagePipeline
+
+        QwenImagePipeline.save_lora_weights(output_dir, transformer_lora_layers=state_dict, weight_name=weight_name,
+                                            transformer_lora_adapter_metadata=metadata)
+        return output_dir / weight_name
+
+    def write_tiny(self, root: Path, *, seed: int) -> None:
+        """Write a tiny random-init Qwen-Image pipeline folder (diffusers layout) to `root`.
+
+        Real classes, real configs shrunk to ~1 M parameters, a byte-level BPE tokenizer trained on
+        the spot: nothing is downloaded. The same seed writes the same weights.
+        """
+        from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline
+        from diffusers import QwenImageTransformer2DModel
+        from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+        tokenizer = _tiny_tokenizer()
+        vocab = len(tokenizer)
+        pad, eos = tokenizer.convert_tokens_to_ids("<|endoftext|>"), tokenizer.convert_tokens_to_ids("<|im_end|>")
+        config = Qwen2_5_VLConfig(
+            text_config=dict(
+                vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 2, 4]},
+                bos_token_id=pad, eos_token_id=eos, pad_token_id=pad,
+            ),
+            vision_config=dict(depth=1, hidden_size=32, intermediate_size=32, num_heads=2, out_hidden_size=32,
+                               fullatt_block_indexes=[0]),
+            image_token_id=vocab - 1, video_token_id=vocab - 1,
+            vision_start_token_id=vocab - 1, vision_end_token_id=vocab - 1,
+        )
+        torch.manual_seed(seed)
+        pipe = QwenImagePipeline(
+            scheduler=FlowMatchEulerDiscreteScheduler(
+                base_image_seq_len=256, base_shift=0.5, max_image_seq_len=8192, max_shift=0.9, shift=1.0,
+                shift_terminal=0.02, use_dynamic_shifting=True, time_shift_type="exponential",
+            ),
+            vae=AutoencoderKLQwenImage(base_dim=16, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1),
+            text_encoder=Qwen2_5_VLForConditionalGeneration(config),
+            tokenizer=tokenizer,
+            transformer=QwenImageTransformer2DModel(
+                patch_size=2, in_channels=64, out_channels=16, num_layers=2, attention_head_dim=16,
+                num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=(4, 6, 6),
+            ),
+        )
+        pipe.save_pretrained(root)
+
+
+def _tiny_tokenizer() -> Any:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import Qwen2TokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(_TINY_CORPUS * 4, trainer)
+    return Qwen2TokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                              unk_token=None, bos_token=None)

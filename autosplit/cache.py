@@ -1,0 +1,270 @@
+"""The stage-1 cache: a Zarr v3 group (see docs/cache-format.md).
+
+Layout::
+
+    CACHE/zarr.json                      group; attributes["autosplit"] is the manifest
+    CACHE/plan.json                      the plan that made it (a readable copy)
+    CACHE/index/bucket   int32[N]        sample -> shape bucket
+    CACHE/index/row      int64[N]        sample -> row inside its bucket
+    CACHE/index/source_sha256 uint8[N,32] what each sample was made from
+    CACHE/buckets/<k>/<value>            [n_k, *shape]          fixed-shape values
+    CACHE/buckets/<k>/<value>            [n_k, max_len, *rest]  ragged values (text tokens) ...
+    CACHE/buckets/<k>/<value>.length     int64[n_k]             ... and their lengths
+
+Every array is sharded (one shard holds `shard_size` samples of a bucket), one sample per inner
+chunk (ragged values: 64 tokens per inner chunk, empty chunks not stored), compressed with zstd
+and checksummed with crc32c. bfloat16 is stored as uint16 with the logical dtype in the array's
+attributes: bit-exact and zero-copy. Writers own whole shards; the manifest lists the shards that
+are complete, and `complete` becomes true only after the last one. No pickle anywhere.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from autosplit.errors import CacheError
+from autosplit.planner import Plan
+
+CACHE_FORMAT_VERSION = 1
+TOKEN_CHUNK = 64
+
+_TORCH_TO_NUMPY = {
+    torch.float32: "float32", torch.float16: "float16", torch.float64: "float64", torch.int64: "int64",
+    torch.int32: "int32", torch.int16: "int16", torch.uint8: "uint8", torch.bool: "bool",
+}
+
+
+def torch_dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def to_storage(t: torch.Tensor) -> np.ndarray:
+    """A tensor as the numpy array the cache stores (bf16 viewed as uint16, bit-exact)."""
+    t = t.detach().cpu().contiguous()
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.uint16).numpy()
+    if t.dtype not in _TORCH_TO_NUMPY:
+        raise CacheError(f"cannot cache tensors of dtype {t.dtype}; cast it in the unit that produces it")
+    return t.numpy()
+
+
+def from_storage(a: np.ndarray, logical_dtype: str) -> torch.Tensor:
+    t = torch.from_numpy(np.ascontiguousarray(a))
+    return t.view(torch.bfloat16) if logical_dtype == "bfloat16" else t
+
+
+@dataclass(frozen=True)
+class Bucket:
+    """Samples that share one shape; `samples` are dataset indices in row order."""
+
+    id: int
+    key: tuple[int, ...]
+    samples: tuple[int, ...]
+
+    def shards(self, shard_size: int) -> list[tuple[int, int]]:
+        return [(lo, min(lo + shard_size, len(self.samples))) for lo in range(0, len(self.samples), shard_size)]
+
+
+def make_buckets(keys: list[tuple[int, ...]]) -> list[Bucket]:
+    """Group sample indices by shape key, buckets ordered by first appearance."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, key in enumerate(keys):
+        groups.setdefault(tuple(key), []).append(i)
+    return [Bucket(k, key, tuple(idx)) for k, (key, idx) in enumerate(groups.items())]
+
+
+def _codecs(level: int) -> list[Any]:
+    from zarr.codecs import Crc32cCodec, ZstdCodec
+
+    return [ZstdCodec(level=level), Crc32cCodec()]
+
+
+class CacheWriter:
+    """Creates a cache group and writes whole shards into it.
+
+    `key` is everything the cache content depends on (plan, settings, fingerprints); reopening an
+    existing cache with a different key raises CacheError instead of mixing two runs' outputs.
+    """
+
+    def __init__(self, path: Path, *, plan: Plan, buckets: list[Bucket], key: dict[str, Any],
+                 shard_size: int, zstd_level: int, source_sha256: list[bytes]):
+        import zarr
+
+        self.path = Path(path)
+        self.plan, self.buckets, self.shard_size, self.zstd_level = plan, buckets, shard_size, zstd_level
+        existing = _read_manifest(self.path)
+        if existing is not None and existing.get("key") != key:
+            raise CacheError(
+                f"{self.path} holds a cache made with other settings ({_key_diff(existing.get('key'), key)}); "
+                f"delete it or choose another output path"
+            )
+        if existing is None and self.path.exists() and any(self.path.iterdir()):
+            raise CacheError(f"{self.path} exists and is not an autosplit cache; choose an empty or new folder")
+        self.group = zarr.open_group(str(self.path), mode="a")
+        if existing is None:
+            self._create_index(buckets, source_sha256)
+            self.manifest = {
+                "format_version": CACHE_FORMAT_VERSION, "complete": False, "key": key,
+                "num_samples": sum(len(b.samples) for b in buckets), "shard_size": shard_size,
+                "buckets": [{"id": b.id, "key": list(b.key), "num_samples": len(b.samples)} for b in buckets],
+                "shards_done": [], "values": {},
+            }
+            self._save_manifest()
+            (self.path / "plan.json").write_text(plan.to_json())
+        else:
+            self.manifest = existing
+
+    def _create_index(self, buckets: list[Bucket], source_sha256: list[bytes]) -> None:
+        n = sum(len(b.samples) for b in buckets)
+        bucket_of, row_of = np.zeros(n, np.int32), np.zeros(n, np.int64)
+        for b in buckets:
+            for row, i in enumerate(b.samples):
+                bucket_of[i], row_of[i] = b.id, row
+        sha = np.frombuffer(b"".join(source_sha256), dtype=np.uint8).reshape(n, 32)
+        for name, data in (("bucket", bucket_of), ("row", row_of), ("source_sha256", sha)):
+            arr = self.group.create_array(f"index/{name}", shape=data.shape, dtype=data.dtype,
+                                          chunks=data.shape, compressors=_codecs(self.zstd_level))
+            arr[...] = data
+
+    def _save_manifest(self) -> None:
+        self.group.attrs["autosplit"] = self.manifest
+
+    def shard_done(self, bucket: int, shard: int) -> bool:
+        return [bucket, shard] in self.manifest["shards_done"]
+
+    def _array(self, bucket: Bucket, name: str, sample: torch.Tensor) -> Any:
+        path = f"buckets/{bucket.id}/{name}"
+        if path in self.group:
+            return self.group[path]
+        value = self.plan.cached_value(name)
+        storage = to_storage(sample)
+        n, s = len(bucket.samples), min(self.shard_size, len(bucket.samples))
+        if value.ragged_axis is not None:
+            if value.ragged_axis != 0:
+                raise CacheError(f"value {name!r}: only ragged axis 0 is supported")
+            rest = tuple(storage.shape[1:])
+            shape, chunks, shards = (n, value.max_len, *rest), (1, TOKEN_CHUNK, *rest), (s, value.max_len, *rest)
+        else:
+            shape, chunks, shards = (n, *storage.shape), (1, *storage.shape), (s, *storage.shape)
+        arr = self.group.create_array(path, shape=shape, dtype=storage.dtype, chunks=chunks, shards=shards,
+                                      compressors=_codecs(self.zstd_level), fill_value=0,
+                                      config={"write_empty_chunks": False},
+                                      attributes={"dtype": torch_dtype_name(sample.dtype)})
+        if value.ragged_axis is not None:
+            self.group.create_array(f"{path}.length", shape=(n,), dtype="int64", chunks=(s,),
+                                    compressors=_codecs(self.zstd_level))
+        self.manifest["values"].setdefault(name, {"dtype": torch_dtype_name(sample.dtype),
+                                                  "ragged_axis": value.ragged_axis})
+        return arr
+
+    def write_shard(self, bucket: Bucket, shard: int, outputs: list[dict[str, torch.Tensor]]) -> None:
+        """Write one shard's samples (per-sample tensors, no batch axis) and mark it done."""
+        lo = shard * self.shard_size
+        hi = lo + len(outputs)
+        for value in self.plan.cached:
+            tensors = [o[value.name] for o in outputs]
+            arr = self._array(bucket, value.name, tensors[0])
+            if value.ragged_axis is None:
+                arr[lo:hi] = np.stack([to_storage(t) for t in tensors])
+                continue
+            lengths = np.array([t.shape[0] for t in tensors], dtype=np.int64)
+            if lengths.max() > value.max_len:
+                raise CacheError(f"value {value.name!r} has {lengths.max()} tokens, above its cap {value.max_len}")
+            longest = int(lengths.max())
+            padded = np.zeros((len(tensors), longest, *arr.shape[2:]), dtype=arr.dtype)
+            for j, t in enumerate(tensors):
+                padded[j, : t.shape[0]] = to_storage(t)
+            arr[lo:hi, :longest] = padded
+            self.group[f"buckets/{bucket.id}/{value.name}.length"][lo:hi] = lengths
+        self.manifest["shards_done"].append([bucket.id, shard])
+        self._save_manifest()
+
+    def finish(self) -> None:
+        expected = sum(len(b.shards(self.shard_size)) for b in self.buckets)
+        if len(self.manifest["shards_done"]) != expected:
+            raise CacheError(f"{self.path}: {len(self.manifest['shards_done'])} of {expected} shards written")
+        self.manifest["complete"] = True
+        self._save_manifest()
+
+
+def _read_manifest(path: Path) -> dict[str, Any] | None:
+    meta = Path(path) / "zarr.json"
+    if not meta.is_file():
+        return None
+    try:
+        return json.loads(meta.read_text()).get("attributes", {}).get("autosplit")
+    except json.JSONDecodeError:
+        return None
+
+
+def _key_diff(old: Any, new: dict[str, Any]) -> str:
+    if not isinstance(old, dict):
+        return "no key recorded"
+    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    return "changed: " + ", ".join(changed)
+
+
+def cache_status(path: Path) -> str:
+    """'missing', 'incomplete' or 'complete'."""
+    manifest = _read_manifest(path)
+    if manifest is None:
+        return "missing"
+    return "complete" if manifest.get("complete") else "incomplete"
+
+
+class CacheReader:
+    """Reads samples of a complete cache: `read(i)` -> {value: tensor without batch axis}."""
+
+    def __init__(self, path: Path):
+        import zarr
+
+        self.path = Path(path)
+        manifest = _read_manifest(self.path)
+        if manifest is None:
+            raise CacheError(f"{self.path} is not an autosplit cache (no manifest); run stage 1 "
+                             f"(--task sft:data_process) with --output_path {self.path}")
+        if manifest.get("format_version") != CACHE_FORMAT_VERSION:
+            raise CacheError(f"{self.path}: cache format {manifest.get('format_version')} is not "
+                             f"{CACHE_FORMAT_VERSION}; re-run stage 1")
+        if not manifest.get("complete"):
+            raise CacheError(f"{self.path}: cache is incomplete ({len(manifest['shards_done'])} shards written); "
+                             f"re-run stage 1 to finish it")
+        self.manifest = manifest
+        self.plan = Plan.from_dict(manifest["key"]["plan"])
+        self.group = zarr.open_group(str(self.path), mode="r")
+        self.bucket_of = self.group["index/bucket"][...]
+        self.row_of = self.group["index/row"][...]
+        self._arrays = {b["id"]: {v.name: self.group[f"buckets/{b['id']}/{v.name}"] for v in self.plan.cached}
+                        for b in manifest["buckets"]}
+        self._lengths = {b["id"]: {v.name: self.group[f"buckets/{b['id']}/{v.name}.length"][...]
+                                   for v in self.plan.cached if v.ragged_axis is not None}
+                         for b in manifest["buckets"]}
+
+    def __len__(self) -> int:
+        return len(self.bucket_of)
+
+    @property
+    def bucket_keys(self) -> list[int]:
+        return [int(b) for b in self.bucket_of]
+
+    def read(self, index: int) -> dict[str, torch.Tensor]:
+        bucket, row = int(self.bucket_of[index]), int(self.row_of[index])
+        out = {}
+        for v in self.plan.cached:
+            arr = self._arrays[bucket][v.name]
+            try:
+                if v.ragged_axis is None:
+                    data = arr[row]
+                else:
+                    data = arr[row, : int(self._lengths[bucket][v.name][row])]
+            except Exception as exc:  # zarr raises codec-specific errors on corrupt chunks
+                raise CacheError(f"{self.path}: cannot read {v.name!r} of sample {index} "
+                                 f"(bucket {bucket}, row {row}): {exc}; the cache is corrupt, re-run stage 1") from exc
+            out[v.name] = from_storage(data, arr.attrs["dtype"])
+        return out

@@ -1,0 +1,243 @@
+"""Command line: `autosplit run`, `autosplit plan`, `autosplit inspect`.
+
+Each verb has `add_<verb>_parser(subparsers)` and `<verb>_command(args) -> int`. User errors
+(AutosplitError) become one line on stderr and exit code 2; anything else keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from autosplit.config import SEED_FLAGS, RunConfig, load_config
+from autosplit.errors import AutosplitError, CacheError, ConfigError
+
+log = logging.getLogger("autosplit")
+
+#: flags of the seed's commands that autosplit accepts and does not need
+_COMPAT_FLAGS = ("remove_prefix_in_ckpt", "find_unused_parameters")
+_FLAG_HELP = {
+    "dataset_base_path": "dataset folder (stage 1), or the cache folder (--task sft:train)",
+    "dataset_metadata_path": "metadata.csv / metadata.jsonl (default: the one in the dataset folder)",
+    "dataset_repeat": "times each sample is seen per epoch",
+    "dataset_num_workers": "loader threads reading ahead of the trainer",
+    "max_pixels": "images larger than this are scaled down (pixels)",
+    "learning_rate": "AdamW learning rate",
+    "num_epochs": "epochs of stage 2",
+    "task": "sft (plan, stage 1 if needed, stage 2), sft:data_process (stage 1 only), sft:train (stage 2 only)",
+    "seed": "seed of LoRA init, data order, noise and timesteps",
+    "batch_size": "samples per batch (one shape bucket per batch)",
+    "gradient_accumulation_steps": "micro-batches per optimizer step",
+    "max_steps": "stop after this many optimizer steps (0: no limit)",
+    "mixed_precision": "accelerate mixed precision: no, bf16, fp16",
+    "output_path": "output folder (LoRA, logs; the cache for sft:data_process)",
+    "lora_base_model": "component that gets the LoRA: dit (= transformer)",
+    "lora_target_modules": "comma-separated module names to wrap with LoRA",
+    "lora_rank": "LoRA rank",
+    "model_paths": "local diffusers pipeline folder (default: the built-in tiny pipeline)",
+    "pipeline": "model family (qwen_image)",
+    "device": "auto, cpu, cuda, cuda:N",
+    "dtype": "weights dtype: auto, float32, bfloat16, float16",
+    "cache_path": "cache folder for --task sft (default: OUTPUT_PATH/cache)",
+}
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="TOML config file (keys as in docs/config.md)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. --set train.learning_rate=5e-5 (repeatable)")
+    for flag in SEED_FLAGS:
+        parser.add_argument(f"--{flag}", dest=flag, default=None, help=_FLAG_HELP.get(flag))
+    parser.add_argument("--use_gradient_checkpointing", action="store_true",
+                        help="gradient checkpointing on the trained model")
+    parser.add_argument("--no-split", dest="no_split", action="store_true",
+                        help="train unsplit: every unit runs every step, nothing is cached")
+    parser.add_argument("--full_finetune", action="store_true", help="train all weights instead of a LoRA")
+    parser.add_argument("--model_id_with_origin_paths", default=None,
+                        help="seed-compatible model spec; resolved from the local Hugging Face cache only")
+    for flag in _COMPAT_FLAGS:
+        parser.add_argument(f"--{flag}", nargs="?", const=True, default=None, help=argparse.SUPPRESS)
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    flags = {k: getattr(args, k) for k in SEED_FLAGS if getattr(args, k) is not None}
+    sets = list(args.set)
+    if args.use_gradient_checkpointing:
+        sets.append("train.gradient_checkpointing=true")
+    if args.no_split:
+        sets.append("train.split=false")
+    if args.full_finetune:
+        sets.append("lora.full_finetune=true")
+    if args.model_id_with_origin_paths and "model_paths" not in flags:
+        from autosplit.models import resolve_hub_id
+
+        flags["model_paths"] = str(resolve_hub_id(args.model_id_with_origin_paths))
+    return load_config(toml_path=args.config, sets=sets, flags=flags)
+
+
+def add_run_parser(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "run", help="plan, cache (stage 1) and train (stage 2)",
+        description="Train with split preprocessing. With no arguments: the built-in tiny Qwen-Image pipeline "
+                    "on a synthetic dataset, both stages.")
+    _add_config_flags(parser)
+    parser.set_defaults(command=run_command)
+
+
+def run_command(args: argparse.Namespace) -> int:
+    from autosplit.session import open_session
+    from autosplit.stage1 import run_stage1
+    from autosplit.trainer import train
+
+    config = config_from_args(args)
+    session = open_session(config)
+    output = Path(config.output_path)
+    plan = session.plan()
+    if session.mode == "train":
+        cache = _stage2_cache(config, plan, session)
+        result = train(session, plan, output, cache_path=cache)
+    else:
+        if session.mode == "data_process" and not plan.split:
+            raise ConfigError("--task sft:data_process writes a cache; drop --no-split")
+        samples = session.samples()
+        if session.mode == "data_process" or plan.split:
+            cache = output if session.mode == "data_process" else _cache_path(config)
+            manifest = run_stage1(session, plan, samples, cache, replace_stale=session.mode == "")
+            print(f"stage 1: {manifest['num_samples']} samples cached in {cache}")
+            if session.mode == "data_process":
+                return 0
+            result = train(session, plan, output, cache_path=cache)
+        else:
+            result = train(session, plan, output, samples=samples)
+    tenth = max(1, len(result.losses) // 10)
+    first, last = (sum(part) / len(part) for part in (result.losses[:tenth], result.losses[-tenth:]))
+    print(f"stage 2: {result.steps} steps in {result.seconds:.1f} s; loss {first:.4f} -> {last:.4f} "
+          f"(mean of the first and last {tenth} steps); weights in {result.output}")
+    return 0
+
+
+def _cache_path(config: RunConfig) -> Path:
+    return Path(config.cache.path) if config.cache.path else Path(config.output_path) / "cache"
+
+
+def _stage2_cache(config: RunConfig, plan: Any, session: Any) -> Path:
+    """The cache `--task sft:train` reads, checked against the current plan and model folder."""
+    from autosplit.cache import CacheReader
+    from autosplit.models import fingerprint_component
+
+    if not config.data.base_path:
+        raise ConfigError("--task sft:train reads a cache: pass --dataset_base_path <the stage-1 output_path>")
+    cache = Path(config.data.base_path)
+    reader = CacheReader(cache)
+    key = reader.manifest["key"]
+    made = [v.name for v in reader.plan.cached]
+    wanted = [v.name for v in plan.cached]
+    if made != wanted:
+        raise CacheError(f"{cache} caches {made} but this run's plan needs {wanted}; re-run stage 1 with the "
+                         f"same --lora_base_model and --task")
+    for name, digest in key["components"].items():
+        if (session.model_root / name).is_dir() and fingerprint_component(session.model_root, name) != digest:
+            raise CacheError(f"{cache} was made with other {name} weights than {session.model_root / name}; "
+                             f"re-run stage 1 (--task sft:data_process)")
+    return cache
+
+
+def add_plan_parser(subparsers: Any) -> None:
+    parser = subparsers.add_parser("plan", help="show which units run in which stage and write plan.json",
+                                   description="Plan the split and print it as a table.")
+    _add_config_flags(parser)
+    parser.add_argument("--plan_path", type=Path, default=None, help="where to write plan.json "
+                        "(default: OUTPUT_PATH/plan.json)")
+    parser.add_argument("--no-measure", dest="measure", action="store_false",
+                        help="do not run stage 1 on one sample to measure cached bytes")
+    parser.set_defaults(command=plan_command)
+
+
+def plan_command(args: argparse.Namespace) -> int:
+    from autosplit.planner import with_measured_values
+    from autosplit.session import open_session
+    from autosplit.stage1 import compute_sample, measured_values, stage1_context
+
+    config = config_from_args(args)
+    session = open_session(config)
+    plan = session.plan()
+    if args.measure and plan.cached:
+        units, ctx = stage1_context(session, plan)
+        outputs = compute_sample(units, session.samples()[0], ctx, [v.name for v in plan.cached], to_cpu=True)
+        plan = with_measured_values(plan, measured_values(outputs))
+    path = args.plan_path or Path(config.output_path) / "plan.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(plan.to_json())
+    print(format_plan(plan))
+    print(f"plan written to {path}")
+    return 0
+
+
+def format_plan(plan: Any) -> str:
+    rows = [("unit", "stage", "components", "reason")]
+    rows += [(u.name, str(u.stage), ",".join(u.components) or "-", u.reason) for u in plan.units]
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    lines = ["  ".join(r[i].ljust(widths[i]) for i in range(3)) + "  " + r[3] for r in rows]
+    lines.insert(1, "-" * (sum(widths) + 6 + max(len(r[3]) for r in rows)))
+    lines.append("")
+    lines.append(f"stage 1 builds: {', '.join(plan.components(1)) or 'nothing'}"
+                 f"{'  (run inline every step: --no-split)' if not plan.split else ''}")
+    lines.append(f"stage 2 builds: {', '.join(plan.components(2))}; trains {', '.join(plan.trainable)}")
+    for v in plan.cached:
+        size = f"{v.bytes_per_sample / 1024:.1f} KiB/sample, shape {list(v.shape)} {v.dtype}" if v.shape else "not measured"
+        lines.append(f"cached: {v.name} ({size}{', ragged axis 0' if v.ragged_axis is not None else ''})")
+    return "\n".join(lines)
+
+
+def add_inspect_parser(subparsers: Any) -> None:
+    parser = subparsers.add_parser("inspect", help="describe a cache", description="Print a cache's manifest.")
+    parser.add_argument("cache", type=Path, help="cache folder")
+    parser.set_defaults(command=inspect_command)
+
+
+def inspect_command(args: argparse.Namespace) -> int:
+    from autosplit.cache import _read_manifest
+
+    manifest = _read_manifest(args.cache)
+    if manifest is None:
+        raise CacheError(f"{args.cache} is not an autosplit cache (no manifest in zarr.json)")
+    summary = {k: manifest[k] for k in ("format_version", "complete", "num_samples", "shard_size", "buckets",
+                                        "values")}
+    summary["shards_done"] = len(manifest["shards_done"])
+    summary["components"] = manifest["key"]["components"]
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="autosplit", description="Split diffusion fine-tuning into a cached "
+                                     "preprocessing stage and a training stage.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    subparsers = parser.add_subparsers(title="commands", metavar="COMMAND")
+    add_run_parser(subparsers)
+    add_plan_parser(subparsers)
+    add_inspect_parser(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "command"):
+        parser.print_help()
+        return 2
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="autosplit: %(message)s", stream=sys.stderr)
+    try:
+        return args.command(args)
+    except AutosplitError as exc:
+        print(f"autosplit: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

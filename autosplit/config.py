@@ -1,0 +1,260 @@
+"""Typed run configuration: dataclasses, loaded from TOML, overridden by `--set key=value` and by
+the seed's flags (`--learning_rate` and friends, see `SEED_FLAGS`).
+
+Every problem is collected and reported at once; unknown keys suggest the closest valid one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from autosplit.errors import ConfigError
+
+DEFAULT_LORA_TARGETS = ("to_q,to_k,to_v,add_q_proj,add_k_proj,add_v_proj,to_out.0,to_add_out,"
+                        "img_mlp.net.2,img_mod.1,txt_mlp.net.2,txt_mod.1")
+
+
+@dataclass
+class ModelConfig:
+    pipeline: str = "qwen_image"
+    #: diffusers pipeline folder; empty means the built-in tiny pipeline
+    path: str = ""
+    #: "auto" (cuda if present, else cpu), "cpu", "cuda", "cuda:1"
+    device: str = "auto"
+    #: weights dtype: "auto" (bfloat16 on cuda, float32 on cpu), "float32", "bfloat16", "float16"
+    dtype: str = "auto"
+
+
+@dataclass
+class DataConfig:
+    #: dataset folder; empty means the built-in synthetic dataset
+    base_path: str = ""
+    metadata_path: str = ""
+    max_pixels: int = 1024 * 1024
+    #: times each sample is seen per epoch
+    repeat: int = 1
+    #: loader threads reading the cache ahead of the trainer
+    num_workers: int = 2
+    #: batches kept ready ahead of the trainer
+    prefetch: int = 4
+
+
+@dataclass
+class TrainConfig:
+    #: sft, or sft:data_process / sft:train for the seed's manual stages
+    task: str = "sft"
+    #: false trains unsplit: every unit runs every step, nothing is cached
+    split: bool = True
+    learning_rate: float = 1e-4
+    num_epochs: int = 1
+    batch_size: int = 1
+    gradient_accumulation_steps: int = 1
+    #: stop after this many optimizer steps (0: no limit)
+    max_steps: int = 0
+    seed: int = 0
+    gradient_checkpointing: bool = False
+    #: accelerate's mixed precision: "no", "bf16", "fp16"
+    mixed_precision: str = "no"
+
+
+@dataclass
+class LoraConfig:
+    #: component to train, by the seed's name ("dit") or diffusers' ("transformer")
+    base_model: str = "dit"
+    #: comma-separated module name suffixes
+    target_modules: str = DEFAULT_LORA_TARGETS
+    rank: int = 32
+    #: alpha; 0 means equal to rank (scale 1), as DiffSynth-Studio trains
+    alpha: float = 0.0
+    #: train every weight of the base model instead of a LoRA
+    full_finetune: bool = False
+
+
+@dataclass
+class CacheConfig:
+    #: where `--task sft` keeps its cache; empty means <output_path>/cache
+    path: str = ""
+    #: samples per shard file; a shard is the unit of resumption and of parallel writing
+    shard_size: int = 64
+    zstd_level: int = 1
+
+
+@dataclass
+class RunConfig:
+    output_path: str = "./autosplit_output"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+#: the seed's (DiffSynth-Studio's) flag names and the keys they set
+SEED_FLAGS = {
+    "dataset_base_path": "data.base_path",
+    "dataset_metadata_path": "data.metadata_path",
+    "dataset_repeat": "data.repeat",
+    "dataset_num_workers": "data.num_workers",
+    "max_pixels": "data.max_pixels",
+    "learning_rate": "train.learning_rate",
+    "num_epochs": "train.num_epochs",
+    "task": "train.task",
+    "seed": "train.seed",
+    "batch_size": "train.batch_size",
+    "gradient_accumulation_steps": "train.gradient_accumulation_steps",
+    "max_steps": "train.max_steps",
+    "mixed_precision": "train.mixed_precision",
+    "output_path": "output_path",
+    "lora_base_model": "lora.base_model",
+    "lora_target_modules": "lora.target_modules",
+    "lora_rank": "lora.rank",
+    "model_paths": "model.path",
+    "pipeline": "model.pipeline",
+    "device": "model.device",
+    "dtype": "model.dtype",
+    "cache_path": "cache.path",
+}
+
+
+def all_keys() -> list[str]:
+    keys = []
+    for f in dataclasses.fields(RunConfig):
+        if dataclasses.is_dataclass(f.default_factory if f.default_factory is not dataclasses.MISSING else None):
+            keys += [f"{f.name}.{sub.name}" for sub in dataclasses.fields(f.default_factory)]
+        else:
+            keys.append(f.name)
+    return keys
+
+
+def _field_type(owner: Any, name: str) -> type:
+    hints = typing.get_type_hints(type(owner))
+    return hints[name]
+
+
+def _coerce(key: str, value: Any, kind: type) -> Any:
+    if isinstance(value, str) and kind is not str:
+        text = value.strip()
+        if kind is bool:
+            if text.lower() in ("1", "true", "yes", "on"):
+                return True
+            if text.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(f"{key}={value!r}: expected true or false")
+        try:
+            return kind(text)
+        except ValueError:
+            raise ValueError(f"{key}={value!r}: expected {kind.__name__}") from None
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind is str and not isinstance(value, str):
+        return ",".join(map(str, value)) if isinstance(value, list) else str(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ValueError(f"{key}={value!r}: expected {kind.__name__}")
+    return value
+
+
+def apply_overrides(config: RunConfig, overrides: dict[str, Any], *, origin: str) -> list[str]:
+    """Set dotted keys on `config`; return one problem string per bad key or value."""
+    problems = []
+    valid = all_keys()
+    for key, value in overrides.items():
+        if key not in valid:
+            close = difflib.get_close_matches(key, valid, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(valid)}"
+            problems.append(f"{origin}: unknown key {key!r}{hint}")
+            continue
+        owner, _, name = key.rpartition(".")
+        target = getattr(config, owner) if owner else config
+        try:
+            setattr(target, name, _coerce(key, value, _field_type(target, name)))
+        except ValueError as exc:
+            problems.append(f"{origin}: {exc}")
+    return problems
+
+
+def flatten_toml(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(flatten_toml(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def validate(config: RunConfig) -> list[str]:
+    """Every value problem in `config`, as strings naming the key and the fix."""
+    problems = []
+    checks = [
+        ("data.max_pixels", config.data.max_pixels >= 256, "must be at least 256"),
+        ("data.repeat", config.data.repeat >= 1, "must be at least 1"),
+        ("data.num_workers", config.data.num_workers >= 1, "must be at least 1"),
+        ("data.prefetch", config.data.prefetch >= 1, "must be at least 1"),
+        ("train.learning_rate", config.train.learning_rate > 0, "must be positive"),
+        ("train.num_epochs", config.train.num_epochs >= 1, "must be at least 1"),
+        ("train.batch_size", config.train.batch_size >= 1, "must be at least 1"),
+        ("train.gradient_accumulation_steps", config.train.gradient_accumulation_steps >= 1, "must be at least 1"),
+        ("train.max_steps", config.train.max_steps >= 0, "must be 0 (no limit) or positive"),
+        ("train.mixed_precision", config.train.mixed_precision in ("no", "bf16", "fp16"), "must be no, bf16 or fp16"),
+        ("lora.rank", config.lora.rank >= 1, "must be at least 1"),
+        ("cache.shard_size", config.cache.shard_size >= 1, "must be at least 1"),
+        ("cache.zstd_level", -7 <= config.cache.zstd_level <= 22, "must be between -7 and 22"),
+        ("model.dtype", config.model.dtype in ("auto", "float32", "bfloat16", "float16"),
+         "must be auto, float32, bfloat16 or float16"),
+    ]
+    for key, ok, fix in checks:
+        if not ok:
+            owner, _, name = key.partition(".")
+            problems.append(f"{key}={getattr(getattr(config, owner), name)!r} {fix}")
+    return problems
+
+
+#: defaults of the built-in run (no dataset given): enough steps to watch the loss fall, ~30 s on 2 cores
+BUILTIN_PRESET = {"train.num_epochs": 8, "data.repeat": 8}
+
+
+def load_config(*, toml_path: Path | None, sets: list[str], flags: dict[str, Any]) -> RunConfig:
+    """Build the run config: defaults < built-in preset < TOML file < `--set key=value` < flags.
+
+    The built-in preset applies when no dataset is given (the built-in synthetic dataset is used).
+    Raises ConfigError listing every problem at once.
+    """
+    config = _load(RunConfig(), toml_path=toml_path, sets=sets, flags=flags)
+    if not config.data.base_path:
+        preset = RunConfig()
+        apply_overrides(preset, BUILTIN_PRESET, origin="preset")
+        config = _load(preset, toml_path=toml_path, sets=sets, flags=flags)
+    return config
+
+
+def _load(config: RunConfig, *, toml_path: Path | None, sets: list[str], flags: dict[str, Any]) -> RunConfig:
+    problems: list[str] = []
+    if toml_path is not None:
+        try:
+            data = tomllib.loads(Path(toml_path).read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"--config {toml_path}: cannot read ({exc})") from exc
+        problems += apply_overrides(config, flatten_toml(data), origin=str(toml_path))
+    parsed_sets = {}
+    for item in sets:
+        key, sep, value = item.partition("=")
+        if not sep:
+            problems.append(f"--set {item!r}: expected key=value")
+        else:
+            parsed_sets[key.strip()] = value
+    problems += apply_overrides(config, parsed_sets, origin="--set")
+    problems += apply_overrides(config, {SEED_FLAGS[k]: v for k, v in flags.items()}, origin="flag")
+    if not problems:
+        problems += validate(config)
+    if problems:
+        raise ConfigError("; ".join(problems))
+    return config

@@ -1,0 +1,122 @@
+"""Resolving a run config into what the stages need: family adapter, model folder, device, dtype,
+unit graph, trainable components, dataset and plan."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from autosplit.adapters.base import Adapter, get_adapter, read_model_index
+from autosplit.builtin import builtin_dataset_root, builtin_model_root
+from autosplit.config import RunConfig
+from autosplit.data import Sample, read_dataset, sample_fingerprint
+from autosplit.errors import ConfigError
+from autosplit.graph import UnitGraph
+from autosplit.models import fingerprint_component
+from autosplit.planner import Plan, make_plan
+from autosplit.tasks import build_graph
+
+log = logging.getLogger(__name__)
+
+MODES = ("", "data_process", "train")
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class Session:
+    config: RunConfig
+    adapter: Adapter
+    task: str
+    #: "" (plan + both stages), "data_process" (stage 1 only), "train" (stage 2 from a cache)
+    mode: str
+    model_root: Path
+    device: torch.device
+    dtype: torch.dtype
+    graph: UnitGraph
+    trainable: tuple[str, ...]
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def plan(self) -> Plan:
+        return make_plan(self.graph, pipeline=self.adapter.name, task=self.task, trainable=self.trainable,
+                         split=self.config.train.split, layouts=self.adapter.value_layouts(),
+                         settings=self.config.to_dict())
+
+    def samples(self) -> list[Sample]:
+        data = self.config.data
+        base = Path(data.base_path) if data.base_path else builtin_dataset_root()
+        metadata = Path(data.metadata_path) if data.metadata_path else None
+        return read_dataset(base, metadata, max_pixels=data.max_pixels, multiple=self.adapter.image_multiple)
+
+    def stage1_key(self, plan: Plan, samples: list[Sample], sample_sha: list[bytes]) -> dict[str, Any]:
+        """Everything stage-1 outputs depend on; a cache made under another key is stale."""
+        import diffusers
+        import transformers
+
+        stage1 = [u for u in plan.units if u.stage == 1]
+        return {
+            "plan": {**_plan_dict(plan), "settings": {}},
+            "stage1_units": [[u.name, list(u.components)] for u in stage1],
+            "components": {c: fingerprint_component(self.model_root, c) for c in plan.components(1)},
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "max_pixels": self.config.data.max_pixels,
+            "dataset_sha256": hashlib.sha256(b"".join(sample_sha)).hexdigest(),
+            "num_samples": len(samples),
+            "versions": {"torch": torch.__version__.split("+")[0], "diffusers": diffusers.__version__,
+                         "transformers": transformers.__version__},
+        }
+
+
+def _plan_dict(plan: Plan) -> dict[str, Any]:
+    import json
+
+    return json.loads(plan.to_json())
+
+
+def source_hashes(samples: list[Sample]) -> list[bytes]:
+    return [bytes.fromhex(sample_fingerprint(s)) for s in samples]
+
+
+def parse_task(task: str) -> tuple[str, str]:
+    base, _, mode = task.partition(":")
+    if mode not in MODES:
+        raise ConfigError(f"--task {task!r}: unknown stage {mode!r}; use {base}, {base}:data_process or {base}:train")
+    return base, mode
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    return device
+
+
+def open_session(config: RunConfig) -> Session:
+    """Resolve `config`; raises ConfigError/ModelError naming the flag at fault."""
+    adapter = get_adapter(config.model.pipeline)
+    task, mode = parse_task(config.train.task)
+    graph = build_graph(adapter, task)
+    device = resolve_device(config.model.device)
+    dtype_name = config.model.dtype
+    if dtype_name == "auto":
+        dtype_name = "bfloat16" if device.type == "cuda" else "float32"
+    base = config.lora.base_model
+    if base not in adapter.base_model_aliases:
+        raise ConfigError(f"--lora_base_model {base!r} is unknown for {adapter.name}; "
+                          f"choose one of {sorted(adapter.base_model_aliases)}")
+    root = Path(config.model.path) if config.model.path else builtin_model_root(adapter)
+    read_model_index(root, adapter=adapter, components=[])
+    return Session(config=config, adapter=adapter, task=task, mode=mode, model_root=root, device=device,
+                   dtype=_DTYPES[dtype_name], graph=graph, trainable=(adapter.base_model_aliases[base],),
+                   settings={"patch_size": 2})
+
+
+def check_components_present(session: Session, names: list[str]) -> None:
+    """Raise ModelError unless the model folder holds every component in `names`."""
+    read_model_index(session.model_root, adapter=session.adapter, components=names)

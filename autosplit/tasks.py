@@ -1,0 +1,88 @@
+"""Training tasks: the units shared by every family, and the graph of a family + task.
+
+`sft` is flow-matching supervised fine-tuning as Qwen-Image (and FLUX) train: a timestep is drawn
+from the scheduler's shifted sigma schedule, noise from a standard normal, the model predicts the
+velocity `noise - latents` of `noisy = (1 - sigma) * latents + sigma * noise`, loss is the MSE.
+Noise and timestep are drawn from the per-step generator every step, never cached.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+
+from autosplit.adapters.base import Adapter
+from autosplit.data import load_image
+from autosplit.errors import ConfigError
+from autosplit.graph import Unit, UnitContext, UnitGraph
+
+TASKS = ("sft",)
+SOURCES = ("image_path", "image_size", "prompt")
+
+
+def load_images(values: Mapping[str, Any], ctx: UnitContext) -> dict[str, Any]:
+    images = [load_image(p, s) for p, s in zip(values["image_path"], values["image_size"])]
+    return {"image": torch.stack(images)}
+
+
+def _shift_mu(scheduler: Any, image_seq_len: int) -> float:
+    cfg = scheduler.config
+    base_len, max_len = cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096)
+    base_shift, max_shift = cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15)
+    slope = (max_shift - base_shift) / (max_len - base_len)
+    return image_seq_len * slope + base_shift - slope * base_len
+
+
+def sample_timestep(values: Mapping[str, Any], ctx: UnitContext) -> dict[str, Any]:
+    scheduler = ctx.components["scheduler"]
+    latents = values["image_latents"]
+    b, _, h, w = latents.shape
+    patch = ctx.settings.get("patch_size", 2)
+    steps = scheduler.config.num_train_timesteps
+    if scheduler.config.get("use_dynamic_shifting", False):
+        scheduler.set_timesteps(steps, device="cpu", mu=_shift_mu(scheduler, (h // patch) * (w // patch)))
+    else:
+        scheduler.set_timesteps(steps, device="cpu")
+    sigmas = scheduler.sigmas[:-1].float()  # the last entry is the terminal sigma 0
+    index = torch.randint(0, sigmas.numel(), (b,), generator=ctx.generator)
+    sigma = sigmas[index]
+    return {"sigma": sigma.to(ctx.device), "timestep": (sigma * 1000).to(ctx.device)}
+
+
+def sample_noise(values: Mapping[str, Any], ctx: UnitContext) -> dict[str, Any]:
+    latents = values["image_latents"]
+    noise = torch.randn(latents.shape, generator=ctx.generator, dtype=torch.float32)
+    return {"noise": noise.to(ctx.device, latents.dtype)}
+
+
+def add_noise(values: Mapping[str, Any], ctx: UnitContext) -> dict[str, Any]:
+    latents, noise = values["image_latents"], values["noise"]
+    sigma = values["sigma"].view(-1, *([1] * (latents.dim() - 1))).to(latents.dtype)
+    return {"noisy_latents": (1 - sigma) * latents + sigma * noise, "target": noise - latents}
+
+
+def flow_matching_loss(values: Mapping[str, Any], ctx: UnitContext) -> dict[str, Any]:
+    pred, target = values["model_pred"].float(), values["target"].float()
+    return {"loss": torch.nn.functional.mse_loss(pred, target)}
+
+
+def build_graph(adapter: Adapter, task: str) -> UnitGraph:
+    """The unit graph of `task` on `adapter`'s family (raises ConfigError for an unknown task)."""
+    if task not in TASKS:
+        raise ConfigError(f"--task {task!r} is unknown; choose one of {list(TASKS)} "
+                          f"(or {task.split(':')[0]}:data_process / :train for the manual stages)")
+    shared_head = [
+        Unit("load_image", ("image_path", "image_size"), ("image",), load_images,
+             doc="decode, resize to cover, centre-crop to the training size"),
+    ]
+    shared_tail = [
+        Unit("sample_timestep", ("image_latents",), ("sigma", "timestep"), sample_timestep,
+             components=("scheduler",), draws_random=True, doc="uniform index into the shifted sigmas"),
+        Unit("sample_noise", ("image_latents",), ("noise",), sample_noise, draws_random=True,
+             doc="standard normal noise, fresh every step"),
+        Unit("add_noise", ("image_latents", "noise", "sigma"), ("noisy_latents", "target"), add_noise,
+             doc="flow-matching interpolation and velocity target"),
+        Unit("flow_matching_loss", ("model_pred", "target"), ("loss",), flow_matching_loss, doc="MSE in fp32"),
+    ]
+    return UnitGraph(shared_head + adapter.family_units() + shared_tail, sources=SOURCES)

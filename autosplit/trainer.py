@@ -1,0 +1,164 @@
+"""Stage 2 (and unsplit) training: accelerate for devices and precision, peft for LoRA.
+
+Split runs read the stage-1 values from the cache; unsplit runs (`train.split = false`) compute
+them every step from the dataset with the stage-1 components resident. Everything after that is
+the same code, which is why the two learn the same weights.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from autosplit.cache import CacheReader
+from autosplit.data import Sample
+from autosplit.errors import ConfigError
+from autosplit.graph import UnitContext, run_units
+from autosplit.loader import PrefetchLoader, collate, to_device
+from autosplit.models import load_components
+from autosplit.planner import Plan
+from autosplit.session import Session, check_components_present
+from autosplit.stage1 import compute_sample, stage1_context
+
+log = logging.getLogger(__name__)
+
+LORA_WEIGHT_NAME = "lora.safetensors"
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    steps: int
+    losses: list[float]
+    output: Path
+    seconds: float
+
+
+def step_generator(seed: int, micro_step: int) -> torch.Generator:
+    """The RNG of one micro-step: a pure function of (seed, step), so resumes and split/unsplit
+    runs draw the same noise and timesteps."""
+    state = np.random.SeedSequence([seed, micro_step]).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+def check_lora_targets(model: torch.nn.Module, targets: list[str], *, component: str) -> None:
+    names = [name for name, _ in model.named_modules()]
+    unknown = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if unknown:
+        leaves = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise ConfigError(f"--lora_target_modules: {unknown} match no module of {component}; "
+                          f"Linear module names there include {leaves[:12]}")
+
+
+def make_trainable(session: Session, model: torch.nn.Module, component: str) -> list[torch.nn.Parameter]:
+    """Attach the LoRA (or unfreeze for full fine-tuning); return the trainable parameters (fp32)."""
+    lora = session.config.lora
+    if lora.full_finetune:
+        model.requires_grad_(True)
+    else:
+        from peft import LoraConfig
+
+        targets = [t.strip() for t in lora.target_modules.split(",") if t.strip()]
+        check_lora_targets(model, targets, component=component)
+        torch.manual_seed(session.config.train.seed)  # LoRA init draws from the global RNG
+        model.add_adapter(LoraConfig(r=lora.rank, lora_alpha=lora.alpha or lora.rank, target_modules=targets))
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:  # train in fp32 even when the frozen weights are bf16
+        p.data = p.data.float()
+    if session.config.train.gradient_checkpointing and hasattr(model, "enable_gradient_checkpointing"):
+        model.enable_gradient_checkpointing()
+    model.train()
+    return params
+
+
+def _sample_reader(session: Session, plan: Plan, cache_path: Path | None, samples: list[Sample] | None):
+    """(read_sample, bucket keys, make_batch, per-step stage-1 runner or None)."""
+    ragged = {v.name: v.ragged_axis for v in plan.cached if v.ragged_axis is not None}
+    if plan.split:
+        reader = CacheReader(cache_path)
+        return reader.read, reader.bucket_keys, lambda items: collate(items, ragged), None
+    units, ctx = stage1_context(session, plan)
+    names = [v.name for v in plan.cached]
+
+    def run_stage1_inline(items: list[Sample]) -> dict[str, Any]:
+        return collate([compute_sample(units, s, ctx, names, to_cpu=False) for s in items], ragged)
+
+    return samples.__getitem__, [s.bucket for s in samples], list, run_stage1_inline
+
+
+def train(session: Session, plan: Plan, output: Path, *, cache_path: Path | None = None,
+          samples: list[Sample] | None = None) -> TrainResult:
+    """Run stage 2 (or the unsplit loop) and write `output/lora.safetensors` (or the full weights)."""
+    from accelerate import Accelerator
+
+    cfg = session.config.train
+    accelerator = Accelerator(cpu=session.device.type == "cpu", mixed_precision=cfg.mixed_precision,
+                              gradient_accumulation_steps=cfg.gradient_accumulation_steps)
+    device = accelerator.device
+    read, buckets, make_batch, inline = _sample_reader(session, plan, cache_path, samples)
+    names = plan.components(2)
+    check_components_present(session, names)
+    components = load_components(session.adapter, session.model_root, names, device=device, dtype=session.dtype)
+    (trainable,) = session.trainable
+    params = make_trainable(session, components[trainable], trainable)
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate)
+    components[trainable], optimizer = accelerator.prepare(components[trainable], optimizer)
+    loader = PrefetchLoader(read, buckets, make_batch=make_batch, batch_size=cfg.batch_size, seed=cfg.seed,
+                            repeat=session.config.data.repeat, num_workers=session.config.data.num_workers,
+                            prefetch=session.config.data.prefetch)
+    units = [session.graph[name] for name in plan.stage_units(2)]
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "plan.json").write_text(plan.to_json())
+    steps_per_epoch = len(loader) // cfg.gradient_accumulation_steps
+    total = cfg.num_epochs * steps_per_epoch
+    if cfg.max_steps:
+        total = min(total, cfg.max_steps)
+    losses, micro, start = [], 0, time.perf_counter()
+    log_file = (output / "train_log.jsonl").open("w")
+    with tqdm(total=total, desc="stage 2: training", unit="step") as bar:
+        for epoch in range(cfg.num_epochs):
+            for batch in loader.iter_epoch(epoch):
+                if inline is not None:
+                    batch = inline(batch)
+                batch = to_device(batch, device)
+                with accelerator.accumulate(components[trainable]):
+                    ctx = UnitContext(components, device, session.dtype, generator=step_generator(cfg.seed, micro),
+                                      settings=session.settings)
+                    loss = run_units(units, batch, ctx)[session.graph.loss]
+                    accelerator.backward(loss)
+                    optimizer.step()
+                    optimizer.zero_grad()
+                micro += 1
+                if accelerator.sync_gradients:
+                    losses.append(loss.item())
+                    log_file.write(json.dumps({"step": len(losses), "epoch": epoch, "loss": losses[-1]}) + "\n")
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{losses[-1]:.4f}")
+                    if len(losses) >= total:
+                        break
+            if len(losses) >= total:
+                break
+    log_file.close()
+    _save(session, accelerator, components[trainable], output)
+    return TrainResult(len(losses), losses, output, time.perf_counter() - start)
+
+
+def _save(session: Session, accelerator: Any, model: torch.nn.Module, output: Path) -> None:
+    model = accelerator.unwrap_model(model)
+    if not accelerator.is_main_process:
+        return
+    if session.config.lora.full_finetune:
+        model.save_pretrained(output / session.trainable[0], safe_serialization=True)
+        return
+    from peft.utils import get_peft_model_state_dict
+
+    state = get_peft_model_state_dict(model)
+    metadata = model.peft_config["default"].to_dict() if hasattr(model, "peft_config") else None
+    session.adapter.save_lora(output, state, weight_name=LORA_WEIGHT_NAME, metadata=metadata)
