@@ -111,6 +111,7 @@ class CacheWriter:
             self._create_index(buckets, source_sha256)
             self.manifest = {
                 "format_version": CACHE_FORMAT_VERSION, "complete": False, "key": key,
+                "plan": json.loads(plan.to_json()),
                 "num_samples": sum(len(b.samples) for b in buckets), "shard_size": shard_size,
                 "buckets": [{"id": b.id, "key": list(b.key), "num_samples": len(b.samples)} for b in buckets],
                 "shards_done": [], "values": {},
@@ -149,7 +150,9 @@ class CacheWriter:
             if value.ragged_axis != 0:
                 raise CacheError(f"value {name!r}: only ragged axis 0 is supported")
             rest = tuple(storage.shape[1:])
-            shape, chunks, shards = (n, value.max_len, *rest), (1, TOKEN_CHUNK, *rest), (s, value.max_len, *rest)
+            token_chunk = min(TOKEN_CHUNK, value.max_len)
+            cap = -(-value.max_len // token_chunk) * token_chunk  # shards must hold whole inner chunks
+            shape, chunks, shards = (n, cap, *rest), (1, token_chunk, *rest), (s, cap, *rest)
         else:
             shape, chunks, shards = (n, *storage.shape), (1, *storage.shape), (s, *storage.shape)
         arr = self.group.create_array(path, shape=shape, dtype=storage.dtype, chunks=chunks, shards=shards,
@@ -236,7 +239,7 @@ class CacheReader:
             raise CacheError(f"{self.path}: cache is incomplete ({len(manifest['shards_done'])} shards written); "
                              f"re-run stage 1 to finish it")
         self.manifest = manifest
-        self.plan = Plan.from_dict(manifest["key"]["plan"])
+        self.plan = Plan.from_dict(manifest["plan"])
         self.group = zarr.open_group(str(self.path), mode="r")
         self.bucket_of = self.group["index/bucket"][...]
         self.row_of = self.group["index/row"][...]

@@ -91,12 +91,14 @@ def add_run_parser(subparsers: Any) -> None:
 def run_command(args: argparse.Namespace) -> int:
     from autosplit.session import open_session
     from autosplit.stage1 import run_stage1
-    from autosplit.trainer import train
+    from autosplit.trainer import check_trainable_early, train
 
     config = config_from_args(args)
     session = open_session(config)
     output = Path(config.output_path)
     plan = session.plan()
+    if session.mode != "data_process":
+        check_trainable_early(session)
     if session.mode == "train":
         cache = _stage2_cache(config, plan, session)
         result = train(session, plan, output, cache_path=cache)
@@ -133,6 +135,7 @@ def _stage2_cache(config: RunConfig, plan: Any, session: Any) -> Path:
         raise ConfigError("--task sft:train reads a cache: pass --dataset_base_path <the stage-1 output_path>")
     cache = Path(config.data.base_path)
     reader = CacheReader(cache)
+    reader.plan.check_graph(session.graph)
     key = reader.manifest["key"]
     made = [v.name for v in reader.plan.cached]
     wanted = [v.name for v in plan.cached]

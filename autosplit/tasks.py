@@ -70,8 +70,8 @@ def flow_matching_loss(values: Mapping[str, Any], ctx: UnitContext) -> dict[str,
 def build_graph(adapter: Adapter, task: str) -> UnitGraph:
     """The unit graph of `task` on `adapter`'s family (raises ConfigError for an unknown task)."""
     if task not in TASKS:
-        raise ConfigError(f"--task {task!r} is unknown; choose one of {list(TASKS)} "
-                          f"(or {task.split(':')[0]}:data_process / :train for the manual stages)")
+        forms = ", ".join(f"{t}, {t}:data_process, {t}:train" for t in TASKS)
+        raise ConfigError(f"--task {task!r} is unknown; choose one of {forms}")
     shared_head = [
         Unit("load_image", ("image_path", "image_size"), ("image",), load_images,
              doc="decode, resize to cover, centre-crop to the training size"),

@@ -57,6 +57,21 @@ def check_lora_targets(model: torch.nn.Module, targets: list[str], *, component:
                           f"Linear module names there include {leaves[:12]}")
 
 
+def lora_targets(session: Session) -> list[str]:
+    return [t.strip() for t in session.config.lora.target_modules.split(",") if t.strip()]
+
+
+def check_trainable_early(session: Session) -> None:
+    """Check the LoRA target modules on a weightless copy of the trained component, so a typo
+    fails before stage 1 rather than after it."""
+    if session.config.lora.full_finetune:
+        return
+    (name,) = session.trainable
+    check_components_present(session, [name])
+    check_lora_targets(session.adapter.empty_component(session.model_root, name), lora_targets(session),
+                       component=name)
+
+
 def make_trainable(session: Session, model: torch.nn.Module, component: str) -> list[torch.nn.Parameter]:
     """Attach the LoRA (or unfreeze for full fine-tuning); return the trainable parameters (fp32)."""
     lora = session.config.lora
@@ -65,7 +80,7 @@ def make_trainable(session: Session, model: torch.nn.Module, component: str) -> 
     else:
         from peft import LoraConfig
 
-        targets = [t.strip() for t in lora.target_modules.split(",") if t.strip()]
+        targets = lora_targets(session)
         check_lora_targets(model, targets, component=component)
         torch.manual_seed(session.config.train.seed)  # LoRA init draws from the global RNG
         model.add_adapter(LoraConfig(r=lora.rank, lora_alpha=lora.alpha or lora.rank, target_modules=targets))

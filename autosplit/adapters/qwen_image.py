@@ -137,6 +137,18 @@ class QwenImageAdapter:
         model = classes[name].from_pretrained(root / name, torch_dtype=dtype)
         return model.to(device)
 
+    def empty_component(self, root: Path, name: str) -> torch.nn.Module:
+        """The component's module tree without weights (meta device): cheap even at 20 B parameters."""
+        from accelerate import init_empty_weights
+        from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
+        from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration
+
+        with init_empty_weights():
+            if name == "text_encoder":
+                return Qwen2_5_VLForConditionalGeneration._from_config(AutoConfig.from_pretrained(root / name))
+            cls = {"transformer": QwenImageTransformer2DModel, "vae": AutoencoderKLQwenImage}[name]
+            return cls.from_config(cls.load_config(root / name))
+
     def save_lora(self, output_dir: Path, state_dict: dict[str, torch.Tensor], *, weight_name: str,
                   metadata: dict[str, Any] | None = None) -> Path:
         from diffusers import QwenImagePipeline

@@ -1,0 +1,82 @@
+"""The Qwen-Image adapter matches what diffusers' QwenImagePipeline computes at inference."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+import torch
+
+from autosplit.adapters.base import get_adapter, read_model_index
+from autosplit.adapters.qwen_image import (QwenImageAdapter, encode_image, encode_prompt, pack_latents,
+                                           template_prefix_len, unpack_latents)
+from autosplit.errors import ConfigError, ModelError
+from autosplit.graph import UnitContext
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_model):
+    from diffusers import QwenImagePipeline
+
+    return QwenImagePipeline.from_pretrained(tiny_model)
+
+
+def ctx_for(pipe) -> UnitContext:
+    components = {"tokenizer": pipe.tokenizer, "text_encoder": pipe.text_encoder, "vae": pipe.vae}
+    return UnitContext(components, torch.device("cpu"), torch.float32)
+
+
+def test_pack_unpack_match_diffusers_and_invert(pipe):
+    x = torch.randn(2, 16, 8, 12)
+    packed = pack_latents(x)
+    assert torch.equal(packed, pipe._pack_latents(x, 2, 16, 8, 12))
+    assert torch.equal(unpack_latents(packed, 8, 12), x)
+
+
+def test_encode_prompt_matches_the_pipeline(pipe):
+    prompts = ["a red circle on a blue background", "stripes"]
+    pipe.prompt_template_encode_start_idx = template_prefix_len(pipe.tokenizer)
+    expected, expected_mask = pipe._get_qwen_prompt_embeds(prompts, device=torch.device("cpu"))
+    out = encode_prompt({"prompt": prompts}, ctx_for(pipe))
+    assert torch.equal(out["prompt_embeds"], expected)
+    assert torch.equal(out["prompt_embeds_mask"], expected_mask)
+    assert out["prompt_embeds_mask"][1].sum() < out["prompt_embeds_mask"][0].sum()  # padded, masked
+
+
+def test_encode_image_is_the_normalized_posterior_mode(pipe):
+    image = torch.rand(1, 3, 64, 96) * 2 - 1
+    out = encode_image({"image": image}, ctx_for(pipe))["image_latents"]
+    mean = pipe.vae.encode(image.unsqueeze(2)).latent_dist.mean[:, :, 0]
+    cfg = pipe.vae.config
+    expected = (mean - torch.tensor(cfg.latents_mean).view(1, -1, 1, 1)) / torch.tensor(cfg.latents_std).view(1, -1, 1, 1)
+    assert out.shape == (1, 16, 8, 12)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
+
+
+def test_tiny_pipeline_is_deterministic(tmp_path, tiny_model):
+    QwenImageAdapter().write_tiny(tmp_path / "again", seed=0)
+    for part in ("transformer/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
+                 "text_encoder/model.safetensors", "tokenizer/tokenizer.json"):
+        digest = [hashlib.sha256((root / part).read_bytes()).hexdigest() for root in (tiny_model, tmp_path / "again")]
+        assert digest[0] == digest[1], part
+
+
+def test_tiny_pipeline_is_small_and_real(pipe):
+    from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    assert isinstance(pipe.transformer, QwenImageTransformer2DModel)
+    assert isinstance(pipe.vae, AutoencoderKLQwenImage)
+    assert isinstance(pipe.text_encoder, Qwen2_5_VLForConditionalGeneration)
+    assert sum(p.numel() for p in pipe.transformer.parameters()) < 200_000
+
+
+def test_registry_and_model_index_checks(tiny_model, tmp_path):
+    adapter = get_adapter("qwen-image")
+    assert adapter.name == "qwen_image"
+    with pytest.raises(ConfigError, match="--pipeline 'sd9' is unknown; choose one of"):
+        get_adapter("sd9")
+    assert read_model_index(tiny_model, adapter=adapter, components=["vae"])["_class_name"] == "QwenImagePipeline"
+    (tmp_path / "model_index.json").write_text('{"_class_name": "FluxPipeline"}')
+    with pytest.raises(ModelError, match="expected 'QwenImagePipeline'"):
+        read_model_index(tmp_path, adapter=adapter, components=[])

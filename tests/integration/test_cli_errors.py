@@ -1,0 +1,139 @@
+"""Bad input: one line on stderr naming the thing and the fix, exit code 2, no cache marked complete."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+from pathlib import Path
+
+import pytest
+
+from autosplit.cache import cache_status
+from autosplit.cli import main
+
+
+def copy_dataset(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def rewrite_first_image(dataset: Path, name: str) -> None:
+    rows = list(csv.reader((dataset / "metadata.csv").open()))
+    rows[1][0] = name
+    with (dataset / "metadata.csv").open("w", newline="") as f:
+        csv.writer(f).writerows(rows)
+
+
+def run_error(capsys, *args: str) -> str:
+    code = main(["run", *args])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err, "no error printed"
+    assert err[-1].startswith("autosplit: error: ")
+    return err[-1]
+
+
+def assert_no_complete_cache(out: Path) -> None:
+    assert cache_status(out / "cache") != "complete"
+    assert cache_status(out) != "complete"
+    assert not (out / "lora.safetensors").exists()
+
+
+def test_missing_dataset_folder(capsys, tmp_path, tiny_model):
+    line = run_error(capsys, "--dataset_base_path", str(tmp_path / "nope"), "--output_path", str(tmp_path / "o"))
+    assert "--dataset_base_path" in line and "nope" in line and "no such folder" in line
+    assert_no_complete_cache(tmp_path / "o")
+
+
+def test_metadata_row_naming_a_missing_image(capsys, tmp_path, tiny_model, tiny_dataset):
+    data = copy_dataset(tiny_dataset, tmp_path / "data")
+    rewrite_first_image(data, "missing.png")
+    line = run_error(capsys, "--dataset_base_path", str(data), "--output_path", str(tmp_path / "o"))
+    assert "metadata.csv row 1" in line and "missing.png" in line and "does not exist" in line
+    assert_no_complete_cache(tmp_path / "o")
+
+
+def test_unreadable_image(capsys, tmp_path, tiny_model, tiny_dataset):
+    data = copy_dataset(tiny_dataset, tmp_path / "data")
+    (data / "0000.png").write_bytes(b"this is not a png")
+    line = run_error(capsys, "--dataset_base_path", str(data), "--output_path", str(tmp_path / "o"))
+    assert "0000.png" in line and "not a readable image" in line and "replace or remove" in line
+    assert_no_complete_cache(tmp_path / "o")
+
+
+def test_truncated_image_fails_in_stage1_and_leaves_cache_incomplete(capsys, tmp_path, tiny_model, tiny_dataset):
+    data = copy_dataset(tiny_dataset, tmp_path / "data")
+    png = (data / "0005.png").read_bytes()
+    (data / "0005.png").write_bytes(png[: len(png) // 2])  # header intact, pixels cut off
+    out = tmp_path / "o"
+    line = run_error(capsys, "--dataset_base_path", str(data), "--output_path", str(out), "--set",
+                     "cache.shard_size=2")
+    assert "0005.png" in line and "cannot be decoded" in line
+    assert cache_status(out / "cache") == "incomplete"
+    assert_no_complete_cache(out)
+    # training from it is refused, naming the fix
+    line = run_error(capsys, "--task", "sft:train", "--dataset_base_path", str(out / "cache"), "--output_path",
+                     str(tmp_path / "o2"))
+    assert "incomplete" in line and "re-run stage 1" in line
+
+
+def test_model_path_that_is_not_a_diffusers_folder(capsys, tmp_path, tiny_dataset):
+    (tmp_path / "weights").mkdir()
+    line = run_error(capsys, "--model_paths", str(tmp_path / "weights"), "--output_path", str(tmp_path / "o"))
+    assert "--model_paths" in line and "model_index.json" in line and "save_pretrained" in line
+    assert_no_complete_cache(tmp_path / "o")
+
+
+def test_model_folder_missing_a_stage1_component(capsys, tmp_path, tiny_model, tiny_dataset):
+    partial = tmp_path / "partial"
+    shutil.copytree(tiny_model, partial, ignore=shutil.ignore_patterns("vae"))
+    line = run_error(capsys, "--model_paths", str(partial), "--output_path", str(tmp_path / "o"))
+    assert "lacks components ['vae']" in line
+    assert not (tmp_path / "o" / "cache").exists()
+
+
+def test_unknown_lora_target_module(capsys, tmp_path, tiny_model, tiny_dataset):
+    out = tmp_path / "o"
+    line = run_error(capsys, "--lora_target_modules", "to_q,to_qq", "--output_path", str(out))
+    assert "--lora_target_modules" in line and "'to_qq'" in line and "to_q" in line
+    assert not out.exists()  # checked before stage 1 starts
+
+
+@pytest.mark.parametrize("task, expected", [("sfx", "--task 'sfx' is unknown"),
+                                            ("sft:cache", "unknown stage 'cache'")])
+def test_unknown_task(capsys, tmp_path, tiny_model, task, expected):
+    line = run_error(capsys, "--task", task, "--output_path", str(tmp_path / "o"))
+    assert expected in line and "sft:data_process" in line
+    assert not (tmp_path / "o").exists()
+
+
+def test_unknown_config_key_suggests_the_right_one(capsys, tmp_path):
+    line = run_error(capsys, "--set", "train.learning_rte=1e-3", "--output_path", str(tmp_path / "o"))
+    assert "did you mean 'train.learning_rate'" in line
+
+
+def test_sft_train_without_a_cache_path(capsys, tmp_path, tiny_model):
+    line = run_error(capsys, "--task", "sft:train", "--output_path", str(tmp_path / "o"))
+    assert "--dataset_base_path" in line
+
+
+def test_sft_train_on_a_dataset_folder_instead_of_a_cache(capsys, tmp_path, tiny_model, tiny_dataset):
+    line = run_error(capsys, "--task", "sft:train", "--dataset_base_path", str(tiny_dataset),
+                     "--output_path", str(tmp_path / "o"))
+    assert "not an autosplit cache" in line and "sft:data_process" in line
+
+
+def test_stage1_refuses_to_overwrite_a_cache_made_with_other_settings(capsys, tmp_path, tiny_model):
+    cache = tmp_path / "c"
+    assert main(["run", "--task", "sft:data_process", "--output_path", str(cache)]) == 0
+    line = run_error(capsys, "--task", "sft:data_process", "--output_path", str(cache), "--max_pixels", "2048")
+    assert "other settings" in line and "max_pixels" in line
+    assert cache_status(cache) == "complete"  # the existing cache is untouched
+
+
+def test_stage1_refuses_a_non_empty_foreign_folder(capsys, tmp_path, tiny_model):
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "notes.txt").write_text("mine")
+    line = run_error(capsys, "--task", "sft:data_process", "--output_path", str(tmp_path / "c"))
+    assert "not an autosplit cache" in line
+    assert (tmp_path / "c" / "notes.txt").read_text() == "mine"

@@ -1,0 +1,105 @@
+"""The rule-based planner on the real Qwen-Image graph and on purpose-built graphs."""
+
+from __future__ import annotations
+
+import pytest
+
+from autosplit.adapters.qwen_image import QwenImageAdapter
+from autosplit.errors import PlanError
+from autosplit.graph import Unit, UnitGraph
+from autosplit.planner import Plan, make_plan
+from autosplit.tasks import build_graph
+
+
+def nothing(values, ctx):
+    return {}
+
+
+def unit(name, inputs, outputs, **kw) -> Unit:
+    return Unit(name, tuple(inputs), tuple(outputs), nothing, **kw)
+
+
+def qwen_plan(**kw) -> Plan:
+    adapter = QwenImageAdapter()
+    return make_plan(build_graph(adapter, "sft"), pipeline="qwen_image", task="sft", trainable=("transformer",),
+                     layouts=adapter.value_layouts(), **kw)
+
+
+def test_qwen_image_sft_plan():
+    plan = qwen_plan()
+    assert plan.stage_units(1) == ["load_image", "encode_prompt", "encode_image"]
+    assert set(plan.stage_units(2)) == {"sample_noise", "sample_timestep", "add_noise", "denoise",
+                                        "flow_matching_loss"}
+    assert [v.name for v in plan.cached] == ["prompt_embeds", "prompt_embeds_mask", "image_latents"]
+    assert plan.cached_value("prompt_embeds").ragged_axis == 0
+    assert plan.cached_value("image_latents").ragged_axis is None
+    assert plan.components(1) == ["tokenizer", "text_encoder", "vae"]
+    assert plan.components(2) == ["scheduler", "transformer"]
+    reasons = {u.name: u.reason for u in plan.units}
+    assert reasons["sample_noise"] == "stage 2: draws per-step random numbers"
+    assert reasons["denoise"].startswith("stage 2: uses trainable transformer")
+    assert reasons["add_noise"] == "stage 2: reads noise, sigma from stage 2"
+    assert reasons["encode_image"].endswith("caches image_latents")
+
+
+def test_unsplit_plan_keeps_the_placements():
+    split, unsplit = qwen_plan(), qwen_plan(split=False)
+    assert not unsplit.split
+    assert [(u.name, u.stage) for u in split.units] == [(u.name, u.stage) for u in unsplit.units]
+    assert "every step" in unsplit.units[0].reason
+
+
+def test_trainable_component_moves_its_unit_and_everything_downstream():
+    graph = UnitGraph([
+        unit("encode_text", ["prompt"], ["text"], components=("text_encoder",)),
+        unit("encode_image", ["image"], ["latents"], components=("vae",)),
+        unit("project", ["text"], ["cond"]),
+        unit("loss", ["cond", "latents"], ["loss"], components=("transformer",)),
+    ], sources=("prompt", "image"))
+    plan = make_plan(graph, pipeline="t", task="sft", trainable=("text_encoder", "transformer"))
+    assert plan.stage_units(1) == ["encode_image"]
+    assert plan.stage_units(2) == ["encode_text", "project", "loss"]
+    assert [v.name for v in plan.cached] == ["latents"]
+    assert plan.units[0].reason.startswith("stage 2: uses trainable text_encoder")
+
+
+def test_random_unit_and_its_consumers_stay_in_stage2_and_nothing_random_is_cached():
+    graph = UnitGraph([
+        unit("crop", ["image"], ["cropped"], draws_random=True),
+        unit("encode", ["cropped"], ["latents"], components=("vae",)),
+        unit("loss", ["latents"], ["loss"], components=("transformer",)),
+    ], sources=("image",))
+    plan = make_plan(graph, pipeline="t", task="sft", trainable=("transformer",))
+    assert plan.stage_units(1) == []
+    assert plan.cached == ()
+    assert plan.units[1].reason == "stage 2: reads cropped from stage 2"
+
+
+def test_stage1_values_used_only_in_stage1_are_not_cached():
+    plan = qwen_plan()
+    assert "image" not in [v.name for v in plan.cached]
+
+
+def test_plan_json_round_trip(tmp_path):
+    plan = qwen_plan(settings={"train": {"seed": 3}})
+    path = tmp_path / "plan.json"
+    path.write_text(plan.to_json())
+    assert Plan.load(path) == plan
+
+
+def test_plan_load_errors(tmp_path):
+    bad = tmp_path / "plan.json"
+    bad.write_text("{not json")
+    with pytest.raises(PlanError, match="plan.json: not a readable plan.json"):
+        Plan.load(bad)
+    bad.write_text('{"version": 99}')
+    with pytest.raises(PlanError, match="plan format version 99"):
+        Plan.load(bad)
+
+
+def test_plan_checks_its_graph():
+    plan = qwen_plan()
+    other = UnitGraph([unit("loss", ["x"], ["loss"])], sources=("x",))
+    with pytest.raises(PlanError, match="do not match the graph"):
+        plan.check_graph(other)
+    plan.check_graph(build_graph(QwenImageAdapter(), "sft"))
