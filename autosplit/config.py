@@ -204,6 +204,7 @@ def validate(config: RunConfig) -> list[str]:
         ("train.batch_size", config.train.batch_size >= 1, "must be at least 1"),
         ("train.gradient_accumulation_steps", config.train.gradient_accumulation_steps >= 1, "must be at least 1"),
         ("train.max_steps", config.train.max_steps >= 0, "must be 0 (no limit) or positive"),
+        ("train.seed", config.train.seed >= 0, "must be 0 or positive"),
         ("train.mixed_precision", config.train.mixed_precision in ("no", "bf16", "fp16"), "must be no, bf16 or fp16"),
         ("lora.rank", config.lora.rank >= 1, "must be at least 1"),
         ("cache.shard_size", config.cache.shard_size >= 1, "must be at least 1"),
@@ -253,8 +254,7 @@ def _load(config: RunConfig, *, toml_path: Path | None, sets: list[str], flags: 
             parsed_sets[key.strip()] = value
     problems += apply_overrides(config, parsed_sets, origin="--set")
     problems += apply_overrides(config, {SEED_FLAGS[k]: v for k, v in flags.items()}, origin="flag")
-    if not problems:
-        problems += validate(config)
+    problems += validate(config)  # a key that failed to parse kept its valid default
     if problems:
         raise ConfigError("; ".join(problems))
     return config

@@ -39,7 +39,7 @@ class Sample:
 
 def _read_rows(metadata: Path) -> list[dict[str, Any]]:
     if metadata.suffix == ".csv":
-        with metadata.open(newline="", encoding="utf-8") as f:
+        with metadata.open(newline="", encoding="utf-8-sig") as f:  # -sig: Excel writes a BOM
             return list(csv.DictReader(f))
     if metadata.suffix == ".jsonl":
         rows = []
@@ -92,12 +92,15 @@ def read_dataset(base: Path, metadata: Path | None = None, *, max_pixels: int, m
     rows = _read_rows(metadata)
     if not rows:
         raise DatasetError(f"{metadata}: no rows; add at least one image,prompt row")
-    for column in ("image", "prompt"):
-        if column not in rows[0]:
-            raise DatasetError(f"{metadata}: no {column!r} column (columns: {sorted(rows[0])}); name it {column!r}")
     samples = []
     for i, row in enumerate(rows):
         where = f"{metadata} row {i + 1}"
+        if not isinstance(row, dict):
+            raise DatasetError(f"{where}: expected an object with image and prompt keys, got {type(row).__name__}")
+        for column in ("image", "prompt"):
+            if column not in row:
+                kind = "column" if i == 0 else "key"
+                raise DatasetError(f"{where}: no {column!r} {kind} (has {sorted(row)}); name it {column!r}")
         path = base / str(row["image"])
         if not path.is_file():
             raise DatasetError(f"{where}: image {path} does not exist; fix the path or remove the row")

@@ -98,11 +98,15 @@ class PrefetchLoader:
         return len(self.batches(self.epoch))
 
     def state_dict(self) -> dict[str, int]:
-        return {"seed": self.seed, "epoch": self.epoch, "position": self.position}
+        return {"seed": self.seed, "epoch": self.epoch, "position": self.position, "batch_size": self.batch_size,
+                "repeat": self.repeat, "num_samples": len(self.bucket_of)}
 
     def load_state_dict(self, state: Mapping[str, int]) -> None:
-        if state["seed"] != self.seed:
-            raise ValueError(f"loader state was saved with seed {state['seed']}, this loader uses {self.seed}")
+        """Continue from `state`; raises ValueError if it was saved for another sequence."""
+        mine = self.state_dict()
+        for key in ("seed", "batch_size", "repeat", "num_samples"):
+            if key in state and state[key] != mine[key]:
+                raise ValueError(f"loader state was saved with {key} {state[key]}, this loader uses {mine[key]}")
         self.epoch, self.position = state["epoch"], state["position"]
 
     def iter_epoch(self, epoch: int) -> Iterator[Any]:

@@ -1,0 +1,246 @@
+"""Batch order (a pure function of seed and epoch), collation and the prefetching loader."""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from autosplit.loader import PrefetchLoader, collate, epoch_batches
+
+# 23 samples in three shape buckets, unevenly filled
+BUCKETS = [(64, 64) if i % 3 else (96, 64) for i in range(20)] + [(32, 32)] * 3
+
+
+def flat(batches: list[list[int]]) -> list[int]:
+    return [i for b in batches for i in b]
+
+
+# --- epoch_batches ----------------------------------------------------------------------------
+
+
+def test_epoch_batches_is_a_pure_function_of_seed_and_epoch():
+    first = epoch_batches(BUCKETS, batch_size=4, seed=3, epoch=1, repeat=2)
+    assert epoch_batches(BUCKETS, batch_size=4, seed=3, epoch=1, repeat=2) == first
+    assert epoch_batches(BUCKETS, batch_size=4, seed=3, epoch=2, repeat=2) != first
+    assert epoch_batches(BUCKETS, batch_size=4, seed=4, epoch=1, repeat=2) != first
+
+
+def test_epoch_batches_golden_order():
+    # frozen: a change here silently changes every run's data order and breaks resuming old runs
+    assert epoch_batches([0] * 8, batch_size=1, seed=0, epoch=0) == [[2], [4], [3], [6], [5], [0], [1], [7]]
+    assert epoch_batches(["a", "b"] * 4, batch_size=2, seed=0, epoch=0) == [[2, 4], [3, 5], [6, 0], [1, 7]]
+
+
+@pytest.mark.parametrize("repeat", [1, 2, 5])
+def test_every_sample_appears_exactly_repeat_times(repeat):
+    batches = epoch_batches(BUCKETS, batch_size=4, seed=0, epoch=0, repeat=repeat)
+    assert Counter(flat(batches)) == {i: repeat for i in range(len(BUCKETS))}
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 4, 100])
+def test_batches_hold_one_bucket_and_respect_batch_size(batch_size):
+    batches = epoch_batches(BUCKETS, batch_size=batch_size, seed=1, epoch=0, repeat=2)
+    per_bucket = Counter()
+    for batch in batches:
+        assert 1 <= len(batch) <= batch_size
+        assert len({BUCKETS[i] for i in batch}) == 1, batch
+        per_bucket[BUCKETS[batch[0]]] += 1
+    # only the last batch of each bucket may be short: as few batches as possible
+    counts = Counter(BUCKETS)
+    assert per_bucket == {b: math.ceil(2 * n / batch_size) for b, n in counts.items()}
+
+
+def test_batches_are_ordered_by_their_first_sample_in_the_permutation():
+    batches = epoch_batches(BUCKETS, batch_size=3, seed=5, epoch=0)
+    singles = flat(epoch_batches([0] * len(BUCKETS), batch_size=1, seed=5, epoch=0))  # the permutation itself
+    firsts = [singles.index(b[0]) for b in batches]
+    assert firsts == sorted(firsts)
+    for b in batches:  # inside a batch, samples keep permutation order
+        assert [singles.index(i) for i in b] == sorted(singles.index(i) for i in b)
+
+
+def test_epoch_batches_of_an_empty_dataset():
+    assert epoch_batches([], batch_size=2, seed=0, epoch=0, repeat=3) == []
+
+
+@settings(max_examples=60, deadline=None)
+@given(buckets=st.lists(st.sampled_from("abc"), max_size=30), batch_size=st.integers(1, 6),
+       repeat=st.integers(1, 3), seed=st.integers(0, 2**32 - 1), epoch=st.integers(0, 100))
+def test_epoch_batches_invariants(buckets, batch_size, repeat, seed, epoch):
+    batches = epoch_batches(buckets, batch_size=batch_size, seed=seed, epoch=epoch, repeat=repeat)
+    assert Counter(flat(batches)) == {i: repeat for i in range(len(buckets))}
+    assert all(1 <= len(b) <= batch_size and len({buckets[i] for i in b}) == 1 for b in batches)
+    short = Counter(buckets[b[0]] for b in batches if len(b) < batch_size)
+    assert all(n == 1 for n in short.values())  # at most one short batch per bucket
+
+
+# --- collate ----------------------------------------------------------------------------------
+
+
+def test_collate_stacks_tensors_and_pads_the_ragged_axis_with_zeros():
+    a = {"latents": torch.ones(2, 2), "tokens": torch.tensor([1, 2, 3]), "mask": torch.ones(1, 3)}
+    b = {"latents": torch.full((2, 2), 2.0), "tokens": torch.tensor([4]), "mask": torch.ones(1, 1)}
+    batch = collate([a, b], {"tokens": 0, "mask": 1})
+    assert torch.equal(batch["latents"], torch.stack([torch.ones(2, 2), torch.full((2, 2), 2.0)]))
+    assert torch.equal(batch["tokens"], torch.tensor([[1, 2, 3], [4, 0, 0]]))
+    assert torch.equal(batch["mask"], torch.tensor([[[1.0, 1.0, 1.0]], [[1.0, 0.0, 0.0]]]))
+    assert batch["tokens"].dtype == torch.int64
+    assert set(batch) == {"latents", "tokens", "mask"}
+
+
+def test_collate_ragged_axis_of_equal_lengths_is_a_plain_stack():
+    items = [{"x": torch.arange(3)}, {"x": torch.arange(3) + 10}]
+    assert torch.equal(collate(items, {"x": 0})["x"], torch.tensor([[0, 1, 2], [10, 11, 12]]))
+
+
+def test_collate_without_ragged_rejects_different_shapes():
+    with pytest.raises(RuntimeError):
+        collate([{"x": torch.zeros(2)}, {"x": torch.zeros(3)}], {})
+
+
+def test_collate_turns_non_tensors_into_lists():
+    items = [{"prompt": "a cat", "image_path": Path("a.png"), "size": (64, 64), "x": torch.tensor(1.0)},
+             {"prompt": "a dog", "image_path": Path("b.png"), "size": (96, 64), "x": torch.tensor(2.0)}]
+    batch = collate(items, {})
+    assert batch["prompt"] == ["a cat", "a dog"]
+    assert batch["image_path"] == [Path("a.png"), Path("b.png")]
+    assert batch["size"] == [(64, 64), (96, 64)]
+    assert torch.equal(batch["x"], torch.tensor([1.0, 2.0]))
+
+
+# --- PrefetchLoader ---------------------------------------------------------------------------
+
+
+def read_index(i: int) -> dict[str, torch.Tensor]:
+    return {"x": torch.tensor([i])}
+
+
+def make_loader(read=read_index, *, seed=7, **kwargs) -> PrefetchLoader:
+    options = dict(batch_size=3, repeat=2, num_workers=3, prefetch=2)
+    options.update(kwargs)
+    return PrefetchLoader(read, BUCKETS, make_batch=lambda samples: collate(samples, {}), seed=seed, **options)
+
+
+def indices(batch) -> list[int]:
+    return batch["x"].flatten().tolist()
+
+
+def test_loader_yields_batches_in_epoch_batches_order():
+    loader = make_loader()
+    for epoch in (0, 1):
+        expected = epoch_batches(BUCKETS, batch_size=3, seed=7, epoch=epoch, repeat=2)
+        got = [indices(b) for b in loader.iter_epoch(epoch)]
+        assert got == expected
+        assert loader.state_dict() == {"seed": 7, "epoch": epoch, "position": len(expected), "batch_size": 3,
+                                       "repeat": 2, "num_samples": len(BUCKETS)}
+    assert len(loader) == len(epoch_batches(BUCKETS, batch_size=3, seed=7, epoch=1, repeat=2))
+
+
+def test_loader_batches_have_the_collated_shape():
+    batch = next(iter(make_loader(batch_size=4, repeat=1).iter_epoch(0)))
+    assert batch["x"].shape[1] == 1 and 1 <= batch["x"].shape[0] <= 4
+
+
+def test_loader_reads_samples_in_background_threads():
+    names, lock = set(), threading.Lock()
+
+    def read(i):
+        with lock:
+            names.add(threading.current_thread().name)
+        return read_index(i)
+
+    list(make_loader(read).iter_epoch(0))
+    assert names
+    assert all(name.startswith("autosplit-read") for name in names), names
+    assert threading.main_thread().name not in names
+
+
+def test_loader_reraises_a_worker_error_at_its_batch():
+    def read(i):
+        if i == 13:
+            raise RuntimeError("cannot read sample 13")
+        return read_index(i)
+
+    expected = epoch_batches(BUCKETS, batch_size=3, seed=7, epoch=0, repeat=2)
+    failing = next(k for k, b in enumerate(expected) if 13 in b)
+    loader = make_loader(read)
+    got = []
+    with pytest.raises(RuntimeError, match="cannot read sample 13"):
+        for batch in loader.iter_epoch(0):
+            got.append(indices(batch))
+    assert got == expected[:failing]
+    assert loader.state_dict()["position"] == failing
+
+
+def test_loader_reraises_a_make_batch_error():
+    def make_batch(samples):
+        raise ValueError("bad batch")
+
+    loader = PrefetchLoader(read_index, BUCKETS, make_batch=make_batch, batch_size=2, seed=0)
+    with pytest.raises(ValueError, match="bad batch"):
+        list(loader.iter_epoch(0))
+
+
+@pytest.mark.parametrize("consumed", [0, 1, 5, 15, 16])
+def test_resume_continues_exactly_the_remaining_sequence(consumed):
+    epoch = 1
+    uninterrupted = [indices(b) for b in make_loader().iter_epoch(epoch)]
+    assert len(uninterrupted) == 16  # 26 draws of (64,64), 14 of (96,64), 6 of (32,32): 9 + 5 + 2 batches
+
+    first = make_loader()
+    it = first.iter_epoch(epoch)
+    head = [indices(next(it)) for _ in range(consumed)]
+    state = first.state_dict()
+    it.close()
+    assert (state["seed"], state["position"]) == (7, consumed)
+    if consumed:  # an epoch whose generator never started has not moved the state yet
+        assert state["epoch"] == epoch
+
+    second = make_loader()
+    second.load_state_dict(state)
+    tail = [indices(b) for b in second.iter_epoch(epoch)]
+    assert head + tail == uninterrupted
+    assert tail == uninterrupted[consumed:]
+    # the next epoch after the resumed one starts from its beginning
+    assert [indices(b) for b in second.iter_epoch(epoch + 1)] == [indices(b) for b in make_loader().iter_epoch(2)]
+
+
+def test_iterating_another_epoch_resets_the_position():
+    loader = make_loader()
+    loader.load_state_dict({"seed": 7, "epoch": 0, "position": 4})
+    assert [indices(b) for b in loader.iter_epoch(3)] == epoch_batches(BUCKETS, batch_size=3, seed=7, epoch=3,
+                                                                          repeat=2)
+
+
+def test_load_state_dict_rejects_a_different_seed():
+    loader = make_loader(seed=2)
+    with pytest.raises(ValueError, match="loader state was saved with seed 1, this loader uses 2"):
+        loader.load_state_dict({"seed": 1, "epoch": 0, "position": 3})
+    assert (loader.state_dict()["epoch"], loader.state_dict()["position"]) == (0, 0)  # unchanged
+
+
+@pytest.mark.parametrize("key, value", [("batch_size", 4), ("repeat", 1), ("num_samples", 5)])
+def test_load_state_dict_rejects_another_sequence(key, value):
+    loader = make_loader()
+    state = {**loader.state_dict(), key: value, "position": 3}
+    with pytest.raises(ValueError, match=f"loader state was saved with {key} {value}"):
+        loader.load_state_dict(state)
+    assert loader.state_dict()["position"] == 0
+
+
+def test_abandoning_an_epoch_early_stops_the_background_threads():
+    before = {t.ident for t in threading.enumerate()}
+    loader = make_loader(prefetch=1)
+    it = loader.iter_epoch(0)
+    next(it)
+    it.close()
+    leftover = [t for t in threading.enumerate() if t.ident not in before and t.is_alive()]
+    assert leftover == []
+    assert loader.state_dict()["position"] == 1
