@@ -23,6 +23,21 @@ PROMPT_TEMPLATE = (
 )
 MAX_PROMPT_TOKENS = 1024  # QwenImagePipeline.tokenizer_max_length
 
+#: Qwen2.5-VL-7B-Instruct, the text encoder of Qwen-Image (the DiT and VAE defaults of diffusers'
+#: classes are Qwen-Image's full-size configuration already)
+FULL_SIZE_TEXT_ENCODER = dict(
+    text_config=dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                     num_attention_heads=28, num_key_value_heads=4, rms_norm_eps=1e-6, max_position_embeddings=128000,
+                     rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
+                     bos_token_id=151643, eos_token_id=151645),
+    vision_config=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
+                       fullatt_block_indexes=[7, 15, 23, 31], window_size=112, patch_size=14, spatial_merge_size=2,
+                       temporal_patch_size=2, in_chans=3, hidden_act="silu"),
+    image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653,
+)
+FULL_SIZE_SCHEDULER = dict(base_image_seq_len=256, base_shift=0.5, max_image_seq_len=8192, max_shift=0.9, shift=1.0,
+                           shift_terminal=0.02, use_dynamic_shifting=True, time_shift_type="exponential")
+
 _TINY_CORPUS = [
     "a photo of a red cube on a blue table",
     "a green sphere beside a yellow cone in soft light",
@@ -42,17 +57,19 @@ def encode_prompt(values: Mapping[str, Any], ctx: UnitContext) -> dict[str, Any]
     tokenizer, text_encoder = ctx.components["tokenizer"], ctx.components["text_encoder"]
     drop = template_prefix_len(tokenizer)
     texts = [PROMPT_TEMPLATE.format(p) for p in values["prompt"]]
-    tokens = tokenizer(texts, max_length=MAX_PROMPT_TOKENS + drop, padding=True, truncation=True,
-                       return_tensors="pt").to(ctx.device)
-    hidden = text_encoder(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask,
-                          output_hidden_states=True).hidden_states[-1]
-    per_sample = [h[m.bool()][drop:] for h, m in zip(hidden, tokens.attention_mask)]
+    # token lists, not tensors: lengths stay Python ints, so fake-tensor profiling traces this too
+    tokens = tokenizer(texts, max_length=MAX_PROMPT_TOKENS + drop, truncation=True)
+    lengths = [len(ids) for ids in tokens.input_ids]
+    width = max(lengths)
+    pad = tokenizer.pad_token_id or 0
+    input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids in tokens.input_ids], device=ctx.device)
+    mask = torch.tensor([[1] * n + [0] * (width - n) for n in lengths], device=ctx.device)
+    hidden = text_encoder(input_ids=input_ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
+    per_sample = [h[:n][drop:] for h, n in zip(hidden, lengths)]  # right padding: valid tokens first
     longest = max(e.shape[0] for e in per_sample)
     embeds = torch.stack([torch.nn.functional.pad(e, (0, 0, 0, longest - e.shape[0])) for e in per_sample])
-    mask = torch.stack([
-        torch.arange(longest, device=ctx.device) < e.shape[0] for e in per_sample
-    ]).to(torch.int64)
-    return {"prompt_embeds": embeds.to(ctx.dtype), "prompt_embeds_mask": mask}
+    embeds_mask = torch.tensor([[1] * (n - drop) + [0] * (longest - n + drop) for n in lengths], device=ctx.device)
+    return {"prompt_embeds": embeds.to(ctx.dtype), "prompt_embeds_mask": embeds_mask}
 
 
 def encode_image(values: Mapping[str, Any], ctx: UnitContext) -> dict[str, Any]:
@@ -137,17 +154,34 @@ class QwenImageAdapter:
         model = classes[name].from_pretrained(root / name, torch_dtype=dtype)
         return model.to(device)
 
+    #: blocks that repeat, by component: config key of their count (for profiling by extrapolation)
+    repeated_blocks = {"transformer": "num_layers"}
+
+    def component_from_config(self, root: Path | None, name: str, *,
+                              overrides: Mapping[str, Any] | None = None) -> torch.nn.Module:
+        """Build a component from its config alone (random init, default dtype and device).
+
+        `root` None means the full-size Qwen-Image configuration. Call it inside
+        `accelerate.init_empty_weights()` for a weightless tree, or inside a FakeTensorMode.
+        """
+        from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
+        from transformers import AutoConfig, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+        overrides = dict(overrides or {})
+        if name == "text_encoder":
+            config = (AutoConfig.from_pretrained(root / name) if root is not None
+                      else Qwen2_5_VLConfig(**FULL_SIZE_TEXT_ENCODER))
+            return Qwen2_5_VLForConditionalGeneration._from_config(config)
+        cls = {"transformer": QwenImageTransformer2DModel, "vae": AutoencoderKLQwenImage}[name]
+        config = dict(cls.load_config(root / name)) if root is not None else {}
+        return cls.from_config({**config, **overrides})
+
     def empty_component(self, root: Path, name: str) -> torch.nn.Module:
         """The component's module tree without weights (meta device): cheap even at 20 B parameters."""
         from accelerate import init_empty_weights
-        from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
-        from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration
 
         with init_empty_weights():
-            if name == "text_encoder":
-                return Qwen2_5_VLForConditionalGeneration._from_config(AutoConfig.from_pretrained(root / name))
-            cls = {"transformer": QwenImageTransformer2DModel, "vae": AutoencoderKLQwenImage}[name]
-            return cls.from_config(cls.load_config(root / name))
+            return self.component_from_config(root, name)
 
     def save_lora(self, output_dir: Path, state_dict: dict[str, torch.Tensor], *, weight_name: str,
                   metadata: dict[str, Any] | None = None) -> Path:
@@ -184,10 +218,7 @@ class QwenImageAdapter:
         )
         torch.manual_seed(seed)
         pipe = QwenImagePipeline(
-            scheduler=FlowMatchEulerDiscreteScheduler(
-                base_image_seq_len=256, base_shift=0.5, max_image_seq_len=8192, max_shift=0.9, shift=1.0,
-                shift_terminal=0.02, use_dynamic_shifting=True, time_shift_type="exponential",
-            ),
+            scheduler=FlowMatchEulerDiscreteScheduler(**FULL_SIZE_SCHEDULER),
             vae=AutoencoderKLQwenImage(base_dim=16, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1),
             text_encoder=Qwen2_5_VLForConditionalGeneration(config),
             tokenizer=tokenizer,
