@@ -7,11 +7,14 @@ Each verb has `add_<verb>_parser(subparsers)` and `<verb>_command(args) -> int`.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from autosplit.config import SEED_FLAGS, RunConfig, load_config
 from autosplit.errors import AutosplitError, CacheError, ConfigError
@@ -43,6 +46,8 @@ _FLAG_HELP = {
     "device": "auto, cpu, cuda, cuda:N",
     "dtype": "weights dtype: auto, float32, bfloat16, float16",
     "cache_path": "cache folder for --task sft (default: OUTPUT_PATH/cache)",
+    "profile": "how the planner measures units: fake (configs only, no weights), real (weights), none",
+    "vram_budget": "GPU memory (GiB) stage 2 must fit; the plan says whether it does",
 }
 
 
@@ -96,13 +101,13 @@ def run_command(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     session = open_session(config)
     output = Path(config.output_path)
-    plan = session.plan()
     if session.mode != "data_process":
         check_trainable_early(session)
     if session.mode == "train":
-        cache = _stage2_cache(config, plan, session)
+        cache, plan = _stage2_cache(config, session)
         result = train(session, plan, output, cache_path=cache)
     else:
+        plan = session.plan()
         if session.mode == "data_process" and not plan.split:
             raise ConfigError("--task sft:data_process writes a cache; drop --no-split")
         samples = session.samples()
@@ -126,8 +131,9 @@ def _cache_path(config: RunConfig) -> Path:
     return Path(config.cache.path) if config.cache.path else Path(config.output_path) / "cache"
 
 
-def _stage2_cache(config: RunConfig, plan: Any, session: Any) -> Path:
-    """The cache `--task sft:train` reads, checked against the current plan and model folder."""
+def _stage2_cache(config: RunConfig, session: Any) -> tuple[Path, Any]:
+    """The cache `--task sft:train` reads and the plan that made it (stage 2 executes that plan),
+    checked against this run's graph, trained component and model folder."""
     from autosplit.cache import CacheReader
     from autosplit.models import fingerprint_component
 
@@ -135,65 +141,119 @@ def _stage2_cache(config: RunConfig, plan: Any, session: Any) -> Path:
         raise ConfigError("--task sft:train reads a cache: pass --dataset_base_path <the stage-1 output_path>")
     cache = Path(config.data.base_path)
     reader = CacheReader(cache)
-    reader.plan.check_graph(session.graph)
+    plan = reader.plan
+    plan.check_graph(session.graph)
     key = reader.manifest["key"]
-    made = [v.name for v in reader.plan.cached]
-    wanted = [v.name for v in plan.cached]
-    if made != wanted:
-        raise CacheError(f"{cache} caches {made} but this run's plan needs {wanted}; re-run stage 1 with the "
-                         f"same --lora_base_model and --task")
+    if plan.trainable != session.trainable:
+        raise CacheError(f"{cache} was planned for training {list(plan.trainable)}, this run trains "
+                         f"{list(session.trainable)}; re-run stage 1 with the same --lora_base_model")
     for name, digest in key["components"].items():
         if (session.model_root / name).is_dir() and fingerprint_component(session.model_root, name) != digest:
             raise CacheError(f"{cache} was made with other {name} weights than {session.model_root / name}; "
                              f"re-run stage 1 (--task sft:data_process)")
-    return cache
+    return cache, dataclasses.replace(plan, settings=config.to_dict(), split=True)
+
+
+def _add_profile_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--fake", action="store_true",
+                        help="profile from configs alone with fake tensors (no weights, no GPU); without "
+                             "--model_paths this is the family's full-size configuration")
+    parser.add_argument("--image_size", default=None, metavar="WxH",
+                        help="profile a synthetic image of this size instead of the dataset's first sample")
+    parser.add_argument("--prompt_tokens", type=int, default=None, help="profile a prompt of about this many tokens")
+
+
+def _image_size(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    try:
+        width, height = (int(x) for x in text.lower().split("x"))
+    except ValueError:
+        raise ConfigError(f"--image_size {text!r}: expected WIDTHxHEIGHT, e.g. 1024x1024") from None
+    return width, height
+
+
+def _profile(args: argparse.Namespace, session: Any) -> Any:
+    from autosplit.profiling import profile_fake, profile_real
+
+    size = _image_size(args.image_size)
+    mode = "fake" if args.fake else session.config.plan.profile
+    if mode == "none":
+        return None
+    if mode == "fake":
+        if args.fake and session.config.model.dtype == "auto":  # planning for a GPU: its dtype
+            session = dataclasses.replace(session, dtype=torch.bfloat16)
+        return profile_fake(session, full_size=args.fake, image_size=size, prompt_tokens=args.prompt_tokens)
+    return profile_real(session, image_size=size, prompt_tokens=args.prompt_tokens)
+
+
+def add_profile_parser(subparsers: Any) -> None:
+    parser = subparsers.add_parser("profile", help="measure every unit: memory, FLOPs, time, grad, randomness",
+                                   description="Run one traced step per unit and write the profile JSON.")
+    _add_config_flags(parser)
+    _add_profile_flags(parser)
+    parser.add_argument("--profile_path", type=Path, default=None,
+                        help="where to write the profile (default: OUTPUT_PATH/profile.json)")
+    parser.set_defaults(command=profile_command)
+
+
+def profile_command(args: argparse.Namespace) -> int:
+    from autosplit.report import profile_table
+    from autosplit.session import open_session
+
+    config = config_from_args(args)
+    session = open_session(config)
+    if config.plan.profile == "none" and not args.fake:
+        raise ConfigError("--profile none measures nothing; use --profile fake or real")
+    profile = _profile(args, session)
+    path = args.profile_path or Path(config.output_path) / "profile.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(profile.to_dict(), indent=1) + "\n")
+    print(profile_table(profile))
+    print(f"profile written to {path}")
+    return 0
 
 
 def add_plan_parser(subparsers: Any) -> None:
     parser = subparsers.add_parser("plan", help="show which units run in which stage and write plan.json",
-                                   description="Plan the split and print it as a table.")
+                                   description="Profile, plan the split and print it as a table.")
     _add_config_flags(parser)
+    _add_profile_flags(parser)
+    parser.add_argument("--profile_json", type=Path, default=None,
+                        help="plan from a profile written by `autosplit profile` instead of profiling")
     parser.add_argument("--plan_path", type=Path, default=None, help="where to write plan.json "
                         "(default: OUTPUT_PATH/plan.json)")
-    parser.add_argument("--no-measure", dest="measure", action="store_false",
-                        help="do not run stage 1 on one sample to measure cached bytes")
+    parser.add_argument("--report", type=Path, default=None, help="also write an HTML page with per-unit memory "
+                        "bars and the cut marked")
     parser.set_defaults(command=plan_command)
 
 
 def plan_command(args: argparse.Namespace) -> int:
-    from autosplit.planner import with_measured_values
+    from autosplit.planner import replace_predicted
+    from autosplit.profiler import Profile
+    from autosplit.report import plan_html, plan_table, with_budget
     from autosplit.session import open_session
-    from autosplit.stage1 import compute_sample, measured_values, stage1_context
 
     config = config_from_args(args)
     session = open_session(config)
-    plan = session.plan()
-    if args.measure and plan.cached:
-        units, ctx = stage1_context(session, plan)
-        outputs = compute_sample(units, session.samples()[0], ctx, [v.name for v in plan.cached], to_cpu=True)
-        plan = with_measured_values(plan, measured_values(outputs))
+    if args.profile_json is not None:
+        try:
+            profile = Profile.from_dict(json.loads(args.profile_json.read_text()))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ConfigError(f"--profile_json {args.profile_json}: not a readable profile ({exc})") from exc
+    else:
+        profile = _profile(args, session)
+    plan = session.plan(profile) if profile is not None else session.plan()
+    plan = replace_predicted(plan, with_budget(plan.predicted, config.plan.vram_budget_gib))
     path = args.plan_path or Path(config.output_path) / "plan.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(plan.to_json())
-    print(format_plan(plan))
+    print(plan_table(plan))
     print(f"plan written to {path}")
+    if args.report is not None:
+        args.report.write_text(plan_html(plan))
+        print(f"report written to {args.report}")
     return 0
-
-
-def format_plan(plan: Any) -> str:
-    rows = [("unit", "stage", "components", "reason")]
-    rows += [(u.name, str(u.stage), ",".join(u.components) or "-", u.reason) for u in plan.units]
-    widths = [max(len(r[i]) for r in rows) for i in range(3)]
-    lines = ["  ".join(r[i].ljust(widths[i]) for i in range(3)) + "  " + r[3] for r in rows]
-    lines.insert(1, "-" * (sum(widths) + 6 + max(len(r[3]) for r in rows)))
-    lines.append("")
-    lines.append(f"stage 1 builds: {', '.join(plan.components(1)) or 'nothing'}"
-                 f"{'  (run inline every step: --no-split)' if not plan.split else ''}")
-    lines.append(f"stage 2 builds: {', '.join(plan.components(2))}; trains {', '.join(plan.trainable)}")
-    for v in plan.cached:
-        size = f"{v.bytes_per_sample / 1024:.1f} KiB/sample, shape {list(v.shape)} {v.dtype}" if v.shape else "not measured"
-        lines.append(f"cached: {v.name} ({size}{', ragged axis 0' if v.ragged_axis is not None else ''})")
-    return "\n".join(lines)
 
 
 def add_inspect_parser(subparsers: Any) -> None:
@@ -223,6 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(title="commands", metavar="COMMAND")
     add_run_parser(subparsers)
     add_plan_parser(subparsers)
+    add_profile_parser(subparsers)
     add_inspect_parser(subparsers)
     return parser
 

@@ -86,6 +86,17 @@ class CacheConfig:
 
 
 @dataclass
+class PlanConfig:
+    #: how the planner learns each unit's cost: "fake" (configs only, no weights, CPU), "real"
+    #: (the weights on the device), "none" (the units' declarations, no measurements)
+    profile: str = "fake"
+    #: "auto" (exact search up to 16 free units, else min-cut), "enumerate" or "mincut"
+    solver: str = "auto"
+    #: GPU memory to fit stage 2 into, GiB (0: no budget)
+    vram_budget_gib: float = 0.0
+
+
+@dataclass
 class RunConfig:
     output_path: str = "./autosplit_output"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -93,6 +104,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -122,6 +134,8 @@ SEED_FLAGS = {
     "device": "model.device",
     "dtype": "model.dtype",
     "cache_path": "cache.path",
+    "profile": "plan.profile",
+    "vram_budget": "plan.vram_budget_gib",
 }
 
 
@@ -209,6 +223,9 @@ def validate(config: RunConfig) -> list[str]:
         ("lora.rank", config.lora.rank >= 1, "must be at least 1"),
         ("cache.shard_size", config.cache.shard_size >= 1, "must be at least 1"),
         ("cache.zstd_level", -7 <= config.cache.zstd_level <= 22, "must be between -7 and 22"),
+        ("plan.profile", config.plan.profile in ("fake", "real", "none"), "must be fake, real or none"),
+        ("plan.solver", config.plan.solver in ("auto", "enumerate", "mincut"), "must be auto, enumerate or mincut"),
+        ("plan.vram_budget_gib", config.plan.vram_budget_gib >= 0, "must be 0 (no budget) or positive"),
         ("model.dtype", config.model.dtype in ("auto", "float32", "bfloat16", "float16"),
          "must be auto, float32, bfloat16 or float16"),
     ]

@@ -19,6 +19,7 @@ from autosplit.errors import ConfigError
 from autosplit.graph import UnitGraph
 from autosplit.models import fingerprint_component
 from autosplit.planner import Plan, make_plan
+from autosplit.profiler import Profile
 from autosplit.tasks import build_graph
 
 log = logging.getLogger(__name__)
@@ -41,10 +42,19 @@ class Session:
     trainable: tuple[str, ...]
     settings: dict[str, Any] = field(default_factory=dict)
 
-    def plan(self) -> Plan:
+    def plan(self, profile: Profile | None = None) -> Plan:
+        """The plan of this run: from `profile` if given, else from a profile made as
+        `plan.profile` says ("fake": configs only, no weights; "real": the weights on the device;
+        "none": the units' declarations)."""
+        if profile is None and self.config.plan.profile != "none":
+            from autosplit.profiling import profile_fake, profile_real
+
+            check_components_present(self, sorted({c for u in self.graph for c in u.components}))
+            profile = profile_real(self) if self.config.plan.profile == "real" else profile_fake(self, full_size=False)
         return make_plan(self.graph, pipeline=self.adapter.name, task=self.task, trainable=self.trainable,
                          split=self.config.train.split, layouts=self.adapter.value_layouts(),
-                         settings=self.config.to_dict())
+                         settings=self.config.to_dict(), profile=profile,
+                         batch_size=self.config.train.batch_size, solver=self.config.plan.solver)
 
     def samples(self) -> list[Sample]:
         data = self.config.data
@@ -59,7 +69,7 @@ class Session:
 
         stage1 = [u for u in plan.units if u.stage == 1]
         return {
-            "plan": {**_plan_dict(plan), "settings": {}},
+            "plan": plan.cut_signature(),
             "stage1_units": [[u.name, list(u.components)] for u in stage1],
             "components": {c: fingerprint_component(self.model_root, c) for c in plan.components(1)},
             "dtype": str(self.dtype).removeprefix("torch."),
@@ -69,12 +79,6 @@ class Session:
             "versions": {"torch": torch.__version__.split("+")[0], "diffusers": diffusers.__version__,
                          "transformers": transformers.__version__},
         }
-
-
-def _plan_dict(plan: Plan) -> dict[str, Any]:
-    import json
-
-    return json.loads(plan.to_json())
 
 
 def source_hashes(samples: list[Sample]) -> list[bytes]:

@@ -36,7 +36,7 @@ def test_qwen_image_sft_plan():
     assert plan.components(1) == ["tokenizer", "text_encoder", "vae"]
     assert plan.components(2) == ["scheduler", "transformer"]
     reasons = {u.name: u.reason for u in plan.units}
-    assert reasons["sample_noise"] == "stage 2: draws per-step random numbers"
+    assert reasons["sample_noise"] == "stage 2: draws per-step random numbers (declared draws_random)"
     assert reasons["denoise"].startswith("stage 2: uses trainable transformer")
     assert reasons["add_noise"] == "stage 2: reads noise, sigma from stage 2"
     assert reasons["encode_image"].endswith("caches image_latents")
