@@ -43,6 +43,9 @@ class DataConfig:
     num_workers: int = 2
     #: batches kept ready ahead of the trainer
     prefetch: int = 4
+    #: image latents from the VAE posterior: "mode" (deterministic), "sample" (fresh every step:
+    #: the distribution is cached, sampling runs in stage 2), "frozen_sample" (one cached draw per image)
+    vae_latents: str = "mode"
 
 
 @dataclass
@@ -213,6 +216,8 @@ def validate(config: RunConfig) -> list[str]:
         ("data.repeat", config.data.repeat >= 1, "must be at least 1"),
         ("data.num_workers", config.data.num_workers >= 1, "must be at least 1"),
         ("data.prefetch", config.data.prefetch >= 1, "must be at least 1"),
+        ("data.vae_latents", config.data.vae_latents in ("mode", "sample", "frozen_sample"),
+         "must be mode, sample or frozen_sample"),
         ("train.learning_rate", config.train.learning_rate > 0, "must be positive"),
         ("train.num_epochs", config.train.num_epochs >= 1, "must be at least 1"),
         ("train.batch_size", config.train.batch_size >= 1, "must be at least 1"),

@@ -39,14 +39,14 @@ def profile_batch(session: Session, *, image_size: tuple[int, int] | None = None
         samples = session.samples()
         first = [s for s in samples if s.bucket == samples[0].bucket][:batch_size]
         return {"image_path": [s.image_path for s in first], "image_size": [s.size for s in first],
-                "prompt": [s.prompt for s in first]}
+                "prompt": [s.prompt for s in first], "sample_id": [s.index for s in first]}
     from PIL import Image
 
     path = Path(workdir or tempfile.mkdtemp(prefix="autosplit-profile-")) / f"profile_{image_size[0]}x{image_size[1]}.png"
     if not path.exists():
         Image.new("RGB", image_size, (127, 90, 200)).save(path)
     return {"image_path": [path] * batch_size, "image_size": [tuple(image_size)] * batch_size,
-            "prompt": [prompt or "a purple square"] * batch_size}
+            "prompt": [prompt or "a purple square"] * batch_size, "sample_id": list(range(batch_size))}
 
 
 def prompt_with_tokens(tokenizer: Any, num_tokens: int) -> str:

@@ -105,7 +105,7 @@ def open_session(config: RunConfig) -> Session:
     """Resolve `config`; raises ConfigError/ModelError naming the flag at fault."""
     adapter = get_adapter(config.model.pipeline)
     task, mode = parse_task(config.train.task)
-    graph = build_graph(adapter, task)
+    graph = build_graph(adapter, task, vae_latents=config.data.vae_latents)
     device = resolve_device(config.model.device)
     dtype_name = config.model.dtype
     if dtype_name == "auto":
@@ -118,7 +118,7 @@ def open_session(config: RunConfig) -> Session:
     read_model_index(root, adapter=adapter, components=[])
     return Session(config=config, adapter=adapter, task=task, mode=mode, model_root=root, device=device,
                    dtype=_DTYPES[dtype_name], graph=graph, trainable=(adapter.base_model_aliases[base],),
-                   settings={"patch_size": 2})
+                   settings={"patch_size": 2, "seed": config.train.seed})
 
 
 def check_components_present(session: Session, names: list[str]) -> None:

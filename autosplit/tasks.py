@@ -18,7 +18,11 @@ from autosplit.errors import ConfigError
 from autosplit.graph import Unit, UnitContext, UnitGraph
 
 TASKS = ("sft",)
-SOURCES = ("image_path", "image_size", "prompt")
+SOURCES = ("image_path", "image_size", "prompt", "sample_id")
+#: how image latents come from the VAE posterior: its mode (deterministic, as DiffSynth-Studio
+#: trains), a fresh sample every step (the distribution is cached, sampling runs in stage 2), or
+#: one frozen sample per image (seeded by the sample, so it is cached)
+VAE_LATENTS = ("mode", "sample", "frozen_sample")
 
 
 def load_images(values: Mapping[str, Any], ctx: UnitContext) -> dict[str, Any]:
@@ -62,12 +66,49 @@ def add_noise(values: Mapping[str, Any], ctx: UnitContext) -> dict[str, Any]:
     return {"noisy_latents": (1 - sigma) * latents + sigma * noise, "target": noise - latents}
 
 
+def sample_latents(values: Mapping[str, Any], ctx: UnitContext) -> dict[str, Any]:
+    mean, std = values["latent_mean"], values["latent_std"]
+    noise = torch.randn(mean.shape, generator=ctx.generator, dtype=torch.float32).to(mean.device, mean.dtype)
+    return {"image_latents": mean + std * noise}
+
+
+def sample_latents_frozen(values: Mapping[str, Any], ctx: UnitContext) -> dict[str, Any]:
+    """One posterior sample per image, from a generator seeded by (seed, sample id): the same
+    draw every epoch, so it may be cached."""
+    mean, std = values["latent_mean"], values["latent_std"]
+    draws = []
+    for i, sample_id in enumerate(values["sample_id"]):
+        generator = torch.Generator().manual_seed(ctx.settings.get("seed", 0) * 1_000_003 + int(sample_id))
+        draws.append(torch.randn(mean.shape[1:], generator=generator, dtype=torch.float32))
+    noise = torch.stack(draws).to(mean.device, mean.dtype)
+    return {"image_latents": mean + std * noise}
+
+
+def _latent_units(adapter: Adapter, units: list[Unit], vae_latents: str) -> list[Unit]:
+    """Replace the family's `encode_image` by the posterior + sampling units `vae_latents` asks for."""
+    if vae_latents == "mode":
+        return units
+    if vae_latents not in VAE_LATENTS:
+        raise ConfigError(f"data.vae_latents={vae_latents!r} is unknown; choose one of {list(VAE_LATENTS)}")
+    encode = next(u for u in units if u.name == "encode_image")
+    dist = Unit("encode_image_dist", encode.inputs, ("latent_mean", "latent_std"), adapter.encode_image_dist,
+                components=encode.components, doc="VAE posterior mean and std, normalized")
+    if vae_latents == "sample":
+        sample = Unit("sample_latents", ("latent_mean", "latent_std"), ("image_latents",), sample_latents,
+                      draws_random=True, doc="a fresh posterior sample every step")
+    else:
+        sample = Unit("sample_latents", ("latent_mean", "latent_std", "sample_id"), ("image_latents",),
+                      sample_latents_frozen, doc="one posterior sample per image, seeded by the sample")
+    index = units.index(encode)
+    return units[:index] + [dist, sample] + units[index + 1:]
+
+
 def flow_matching_loss(values: Mapping[str, Any], ctx: UnitContext) -> dict[str, Any]:
     pred, target = values["model_pred"].float(), values["target"].float()
     return {"loss": torch.nn.functional.mse_loss(pred, target)}
 
 
-def build_graph(adapter: Adapter, task: str) -> UnitGraph:
+def build_graph(adapter: Adapter, task: str, *, vae_latents: str = "mode") -> UnitGraph:
     """The unit graph of `task` on `adapter`'s family (raises ConfigError for an unknown task)."""
     if task not in TASKS:
         forms = ", ".join(f"{t}, {t}:data_process, {t}:train" for t in TASKS)
@@ -85,4 +126,5 @@ def build_graph(adapter: Adapter, task: str) -> UnitGraph:
              doc="flow-matching interpolation and velocity target"),
         Unit("flow_matching_loss", ("model_pred", "target"), ("loss",), flow_matching_loss, doc="MSE in fp32"),
     ]
-    return UnitGraph(shared_head + adapter.family_units() + shared_tail, sources=SOURCES)
+    family = _latent_units(adapter, adapter.family_units(), vae_latents)
+    return UnitGraph(shared_head + family + shared_tail, sources=SOURCES)

@@ -103,3 +103,101 @@ def test_plan_checks_its_graph():
     with pytest.raises(PlanError, match="do not match the graph"):
         plan.check_graph(other)
     plan.check_graph(build_graph(QwenImageAdapter(), "sft"))
+
+
+# --- with measured profiles -------------------------------------------------------------------
+
+import torch  # noqa: E402
+
+from autosplit.graph import UnitContext  # noqa: E402
+from autosplit.profiler import profile_graph  # noqa: E402
+
+
+def profiled_plan(units, sources, batch, components, trainable=("net",)):
+    graph = UnitGraph(units, sources=sources)
+    ctx = UnitContext(components, torch.device("cpu"), torch.float32, generator=torch.Generator().manual_seed(0))
+    profile = profile_graph(graph, batch, ctx, pipeline="t", task="sft")
+    return make_plan(graph, pipeline="t", task="sft", trainable=trainable, profile=profile), profile
+
+
+def net_loss(values, ctx):
+    return {"loss": ctx.components["net"](values["z"]).pow(2).mean()}
+
+
+def test_seeded_noise_is_cached_and_step_noise_is_not():
+    def seeded(values, ctx):  # declared deterministic, and it is: seeded by the sample
+        g = torch.Generator().manual_seed(int(values["seed"][0]))
+        return {"init": torch.randn(1, 4, generator=g)}
+
+    def step_noise(values, ctx):  # undeclared, but the profiler sees the draw
+        return {"noise": torch.randn(1, 4, generator=ctx.generator)}
+
+    def combine(values, ctx):
+        return {"z": values["init"] + values["noise"]}
+
+    net = torch.nn.Linear(4, 4)
+    plan, profile = profiled_plan(
+        [Unit("seeded_noise", ("seed",), ("init",), seeded), Unit("step_noise", ("x",), ("noise",), step_noise),
+         Unit("combine", ("init", "noise"), ("z",), combine), Unit("loss", ("z",), ("loss",), net_loss,
+                                                                     components=("net",))],
+        ("seed", "x"), {"seed": [5], "x": torch.zeros(1)}, {"net": net})
+    assert profile.unit("seeded_noise").seeded_random_ops == ("randn.generator",)
+    assert plan.stage_units(1) == ["seeded_noise"]
+    assert [v.name for v in plan.cached] == ["init"]
+    assert dict((u.name, u.reason) for u in plan.units)["step_noise"] == \
+        "stage 2: draws per-step random numbers (randn.generator)"
+
+
+def test_undeclared_random_crop_is_measured_and_kept_out_of_stage1():
+    def random_crop(values, ctx):
+        top = int(torch.randint(0, 4, (1,)))  # global RNG, nothing declared
+        return {"crop": values["image"][:, top:top + 4]}
+
+    def encode(values, ctx):
+        return {"z": values["crop"].sum(dim=1, keepdim=True).repeat(1, 4)}
+
+    plan, _ = profiled_plan(
+        [Unit("random_crop", ("image",), ("crop",), random_crop), Unit("encode", ("crop",), ("z",), encode),
+         Unit("loss", ("z",), ("loss",), net_loss, components=("net",))],
+        ("image",), {"image": torch.randn(1, 8)}, {"net": torch.nn.Linear(4, 4)})
+    assert plan.stage_units(1) == []
+    assert plan.units[0].reason == "stage 2: draws per-step random numbers (randint.low)"
+    assert plan.units[1].reason == "stage 2: reads crop from stage 2"
+
+
+def test_a_unit_with_one_random_output_says_the_other_is_cacheable():
+    def encode_and_noise(values, ctx):
+        latents = values["image"] * 2
+        return {"latents": latents, "noisy": latents + torch.randn(latents.shape, generator=ctx.generator)}
+
+    plan, profile = profiled_plan(
+        [Unit("encode_and_noise", ("image",), ("latents", "noisy"), encode_and_noise),
+         Unit("loss", ("noisy",), ("loss",), lambda v, c: {"loss": c.components["net"](v["noisy"]).mean()},
+              components=("net",))],
+        ("image",), {"image": torch.ones(1, 4)}, {"net": torch.nn.Linear(4, 4)})
+    assert [v.random for v in profile.unit("encode_and_noise").outputs] == [False, True]
+    assert plan.units[0].stage == 2
+    assert "latents alone would be cacheable: split the unit" in plan.units[0].reason
+
+
+def test_lora_on_the_text_encoder_moves_text_encoding_to_stage2():
+    adapter = QwenImageAdapter()
+    plan = make_plan(build_graph(adapter, "sft"), pipeline="qwen_image", task="sft",
+                     trainable=("transformer", "text_encoder"), layouts=adapter.value_layouts())
+    assert plan.stage_units(1) == ["load_image", "encode_image"]
+    assert [v.name for v in plan.cached] == ["image_latents"]
+    assert "text_encoder" in plan.components(2) and "vae" not in plan.components(2)
+
+
+@pytest.mark.parametrize("mode, stage1, cached", [
+    ("sample", ["load_image", "encode_prompt", "encode_image_dist"],
+     ["prompt_embeds", "prompt_embeds_mask", "latent_mean", "latent_std"]),
+    ("frozen_sample", ["load_image", "encode_prompt", "encode_image_dist", "sample_latents"],
+     ["prompt_embeds", "prompt_embeds_mask", "image_latents"]),
+])
+def test_vae_posterior_sampling(mode, stage1, cached):
+    adapter = QwenImageAdapter()
+    plan = make_plan(build_graph(adapter, "sft", vae_latents=mode), pipeline="qwen_image", task="sft",
+                     trainable=("transformer",), layouts=adapter.value_layouts())
+    assert plan.stage_units(1) == stage1
+    assert [v.name for v in plan.cached] == cached

@@ -72,15 +72,25 @@ def encode_prompt(values: Mapping[str, Any], ctx: UnitContext) -> dict[str, Any]
     return {"prompt_embeds": embeds.to(ctx.dtype), "prompt_embeds_mask": embeds_mask}
 
 
-def encode_image(values: Mapping[str, Any], ctx: UnitContext) -> dict[str, Any]:
+def _posterior(values: Mapping[str, Any], ctx: UnitContext) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and standard deviation of the VAE posterior, in normalized latent space (B,16,h,w)."""
     vae = ctx.components["vae"]
     image = values["image"].to(ctx.device, vae.dtype).unsqueeze(2)  # B,3,1,H,W (video VAE)
     dist = vae.encode(image).latent_dist
-    z = dist.mode()  # deterministic; sampling the posterior would make this a stage-2 unit
     cfg = vae.config
-    mean = torch.tensor(cfg.latents_mean, device=z.device, dtype=z.dtype).view(1, -1, 1, 1, 1)
-    std = torch.tensor(cfg.latents_std, device=z.device, dtype=z.dtype).view(1, -1, 1, 1, 1)
-    return {"image_latents": ((z - mean) / std)[:, :, 0].to(ctx.dtype)}  # B,16,h,w
+    shift = torch.tensor(cfg.latents_mean, device=dist.mean.device, dtype=dist.mean.dtype).view(1, -1, 1, 1, 1)
+    scale = torch.tensor(cfg.latents_std, device=dist.mean.device, dtype=dist.mean.dtype).view(1, -1, 1, 1, 1)
+    return ((dist.mean - shift) / scale)[:, :, 0], (dist.std / scale)[:, :, 0]
+
+
+def encode_image(values: Mapping[str, Any], ctx: UnitContext) -> dict[str, Any]:
+    mean, _ = _posterior(values, ctx)  # the posterior mode, deterministic
+    return {"image_latents": mean.to(ctx.dtype)}
+
+
+def encode_image_dist(values: Mapping[str, Any], ctx: UnitContext) -> dict[str, Any]:
+    mean, std = _posterior(values, ctx)
+    return {"latent_mean": mean.to(ctx.dtype), "latent_std": std.to(ctx.dtype)}
 
 
 def pack_latents(latents_bchw: torch.Tensor) -> torch.Tensor:
@@ -112,6 +122,8 @@ def denoise(values: Mapping[str, Any], ctx: UnitContext) -> dict[str, Any]:
 
 class QwenImageAdapter:
     """The Qwen-Image family (`QwenImagePipeline` folders)."""
+
+    encode_image_dist = staticmethod(encode_image_dist)
 
     name = "qwen_image"
     pipeline_class = "QwenImagePipeline"

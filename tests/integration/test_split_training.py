@@ -187,3 +187,14 @@ def test_python_m_autosplit_and_accelerate_launch(tmp_path, tiny_model, tiny_dat
     assert result.returncode == 0, result.stderr[-2000:]
     assert (tmp_path / "lora.safetensors").is_file()
     assert len(losses(tmp_path)) == 3
+
+
+@pytest.mark.parametrize("mode", ["sample", "frozen_sample"])
+def test_vae_posterior_sampling_split_matches_unsplit(tmp_path, tiny_model, tiny_dataset, mode):
+    args = [*STEPS, "--max_steps", "6", "--set", f"data.vae_latents={mode}"]
+    assert run("--output_path", str(tmp_path / "split"), *args) == 0
+    assert run("--no-split", "--output_path", str(tmp_path / "unsplit"), *args) == 0
+    a, b = load_file(tmp_path / "split/lora.safetensors"), load_file(tmp_path / "unsplit/lora.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    cached = [v["name"] for v in json.loads((tmp_path / "split/plan.json").read_text())["cached"]]
+    assert ("latent_std" in cached) == (mode == "sample")
