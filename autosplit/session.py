@@ -12,14 +12,14 @@ from typing import Any
 import torch
 
 from autosplit.adapters.base import Adapter, get_adapter, read_model_index
-from autosplit.builtin import builtin_dataset_root, builtin_model_root
+from autosplit.builtin import builtin_dataset_root, builtin_distill_root, builtin_model_root
 from autosplit.config import RunConfig
 from autosplit.data import Sample, read_dataset, sample_fingerprint
 from autosplit.errors import ConfigError
 from autosplit.graph import UnitGraph
 from autosplit.models import fingerprint_component
 from autosplit.planner import Plan, make_plan
-from autosplit.tasks import build_graph
+from autosplit.tasks import TASK_COLUMNS, build_graph
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +48,16 @@ class Session:
 
     def samples(self) -> list[Sample]:
         data = self.config.data
-        base = Path(data.base_path) if data.base_path else builtin_dataset_root()
+        media = self.adapter.media
+        if data.base_path:
+            base = Path(data.base_path)
+        elif self.task == "direct_distill":
+            base = builtin_distill_root(self.adapter, self.model_root)
+        else:
+            base = builtin_dataset_root(media)
         metadata = Path(data.metadata_path) if data.metadata_path else None
-        return read_dataset(base, metadata, max_pixels=data.max_pixels, multiple=self.adapter.image_multiple)
+        return read_dataset(base, metadata, max_pixels=data.max_pixels, multiple=self.adapter.image_multiple,
+                            media=media, columns=TASK_COLUMNS[self.task], max_frames=data.max_frames)
 
     def stage1_key(self, plan: Plan, samples: list[Sample], sample_sha: list[bytes]) -> dict[str, Any]:
         """Everything stage-1 outputs depend on; a cache made under another key is stale."""

@@ -34,7 +34,12 @@ class Adapter(Protocol):
     base_model_aliases: dict[str, str]
     #: pixel sizes must be multiples of this (VAE downsampling x patch size)
     image_multiple: int
+    #: LoRA target modules when `--lora_target_modules` is not given
     default_lora_targets: tuple[str, ...]
+    #: tasks the family supports ("sft", "direct_distill")
+    tasks: tuple[str, ...]
+    #: "image", or "video" for families trained on clips (column `video` in the dataset)
+    media: str
 
     def load_component(self, root: Path, name: str, *, device: torch.device, dtype: torch.dtype) -> Any: ...
 
@@ -80,6 +85,9 @@ def read_model_index(root: Path, *, adapter: Adapter, components: list[str]) -> 
 
 _REGISTRY: dict[str, str] = {
     "qwen_image": "autosplit.adapters.qwen_image:QwenImageAdapter",
+    "flux": "autosplit.adapters.flux:FluxAdapter",
+    "sd": "autosplit.adapters.sd:StableDiffusionAdapter",
+    "sdxl": "autosplit.adapters.sd:StableDiffusionXLAdapter",
 }
 
 

@@ -104,6 +104,8 @@ class QwenImageAdapter:
         "to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj", "to_out.0", "to_add_out",
         "img_mlp.net.2", "img_mod.1", "txt_mlp.net.2", "txt_mod.1",
     )
+    tasks = ("sft", "direct_distill")
+    media = "image"
 
     def family_units(self) -> list[Unit]:
         return [
