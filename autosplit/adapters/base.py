@@ -88,6 +88,7 @@ _REGISTRY: dict[str, str] = {
     "flux": "autosplit.adapters.flux:FluxAdapter",
     "sd": "autosplit.adapters.sd:StableDiffusionAdapter",
     "sdxl": "autosplit.adapters.sd:StableDiffusionXLAdapter",
+    "wan": "autosplit.adapters.wan:WanAdapter",
 }
 
 
