@@ -40,3 +40,18 @@ def test_cache_format_example_runs(tmp_path, tiny_model, tiny_dataset, monkeypat
     exec(code, scope)
     assert scope["latents"].shape[0] == 16
     assert scope["embeds"].shape == (scope["n"], 32)
+
+
+def test_family_plans_in_the_docs_are_current(autosplit_home):
+    from autosplit.cli import config_from_args, format_plan
+    from autosplit.session import open_session
+
+    text = (DOCS / "families.md").read_text()
+    commands = re.findall(r"^\$ autosplit plan([^\n]*)\n```\n\n```text\n(.*?)```", text, flags=re.M | re.S)
+    assert len(commands) == 7
+    parser = build_parser()
+    for flags, table in commands:
+        args = parser.parse_args(["plan", *flags.split()])
+        plan = open_session(config_from_args(args)).plan()
+        fresh = [line for line in format_plan(plan).splitlines() if not line.startswith("cached:")]
+        assert fresh == [line for line in table.splitlines() if not line.startswith("cached:")], flags
