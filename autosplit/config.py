@@ -16,9 +16,6 @@ from typing import Any
 
 from autosplit.errors import ConfigError
 
-DEFAULT_LORA_TARGETS = ("to_q,to_k,to_v,add_q_proj,add_k_proj,add_v_proj,to_out.0,to_add_out,"
-                        "img_mlp.net.2,img_mod.1,txt_mlp.net.2,txt_mod.1")
-
 
 @dataclass
 class ModelConfig:
@@ -37,6 +34,8 @@ class DataConfig:
     base_path: str = ""
     metadata_path: str = ""
     max_pixels: int = 1024 * 1024
+    #: video datasets: at most this many frames per clip (clips keep k * 4 + 1 frames)
+    max_frames: int = 81
     #: times each sample is seen per epoch
     repeat: int = 1
     #: loader threads reading the cache ahead of the trainer
@@ -50,7 +49,7 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    #: sft, or sft:data_process / sft:train for the seed's manual stages
+    #: sft or direct_distill, or <task>:data_process / <task>:train for the seed's manual stages
     task: str = "sft"
     #: false trains unsplit: every unit runs every step, nothing is cached
     split: bool = True
@@ -70,8 +69,8 @@ class TrainConfig:
 class LoraConfig:
     #: component to train, by the seed's name ("dit") or diffusers' ("transformer")
     base_model: str = "dit"
-    #: comma-separated module name suffixes
-    target_modules: str = DEFAULT_LORA_TARGETS
+    #: comma-separated module name suffixes; empty means the family's default list
+    target_modules: str = ""
     rank: int = 32
     #: alpha; 0 means equal to rank (scale 1), as DiffSynth-Studio trains
     alpha: float = 0.0
@@ -214,6 +213,7 @@ def validate(config: RunConfig) -> list[str]:
     checks = [
         ("data.max_pixels", config.data.max_pixels >= 256, "must be at least 256"),
         ("data.repeat", config.data.repeat >= 1, "must be at least 1"),
+        ("data.max_frames", config.data.max_frames >= 1, "must be at least 1"),
         ("data.num_workers", config.data.num_workers >= 1, "must be at least 1"),
         ("data.prefetch", config.data.prefetch >= 1, "must be at least 1"),
         ("data.vae_latents", config.data.vae_latents in ("mode", "sample", "frozen_sample"),

@@ -1,7 +1,9 @@
-"""Datasets: a folder of images with `metadata.csv` or `metadata.jsonl` (columns `image`, `prompt`).
+"""Datasets: a folder of images with `metadata.csv` or `metadata.jsonl` (columns `image`, `prompt`),
+or of video clips (column `video`: a folder of frame images, or an animated GIF/WebP file).
 
 This is the layout DiffSynth-Studio and Hugging Face `imagefolder` use. Reading the built-in
-synthetic dataset and a user's folder is the same code.
+synthetic dataset and a user's folder is the same code. Other columns are kept per sample
+(`Sample.extras`) and offered to the unit graph as sources (`seed`, `num_inference_steps`, ...).
 """
 
 from __future__ import annotations
@@ -20,21 +22,30 @@ import torch
 from autosplit.errors import DatasetError
 
 METADATA_NAMES = ("metadata.csv", "metadata.jsonl")
+FRAME_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 @dataclass(frozen=True)
 class Sample:
-    """One dataset row. `size` is the (width, height) the image is trained at."""
+    """One dataset row. `size` is the (width, height) the image is trained at; `image_path` is the
+    image, or the clip of a video dataset, whose `num_frames` (0 for images) are trained."""
 
     index: int
     image_path: Path
     prompt: str
     size: tuple[int, int]
     extras: dict[str, Any] = field(default_factory=dict)
+    num_frames: int = 0
 
     @property
-    def bucket(self) -> tuple[int, int]:
-        return self.size
+    def bucket(self) -> tuple[int, ...]:
+        return self.size if not self.num_frames else (*self.size, self.num_frames)
+
+    def sources(self) -> dict[str, list[Any]]:
+        """The sample's values for the unit graph, as a batch of one (lists)."""
+        return {**{k: [v] for k, v in self.extras.items()}, "image_path": [self.image_path],
+                "image_size": [self.size], "num_frames": [self.num_frames], "prompt": [self.prompt],
+                "sample_id": [self.index]}
 
 
 def _read_rows(metadata: Path) -> list[dict[str, Any]]:
@@ -81,66 +92,116 @@ def train_size(width: int, height: int, *, max_pixels: int, multiple: int) -> tu
     return width, height
 
 
-def read_dataset(base: Path, metadata: Path | None = None, *, max_pixels: int, multiple: int) -> list[Sample]:
-    """Read the dataset's metadata and each image's header (not its pixels).
+def read_dataset(base: Path, metadata: Path | None = None, *, max_pixels: int, multiple: int,
+                 media: str = "image", columns: tuple[str, ...] = (), max_frames: int = 81,
+                 frame_step: int = 4) -> list[Sample]:
+    """Read the dataset's metadata and each image's (or clip's first frame's) header, not pixels.
 
-    Raises DatasetError naming the file, row or column at fault and the fix.
+    `media` is "image" (column `image`) or "video" (column `video`; clips keep the largest frame
+    count of the form k * frame_step + 1 up to `max_frames`). `columns` are further columns every
+    row must have. Raises DatasetError naming the file, row or column at fault and the fix.
     """
-    from PIL import Image, UnidentifiedImageError
-
     metadata = find_metadata(base, metadata)
     rows = _read_rows(metadata)
     if not rows:
-        raise DatasetError(f"{metadata}: no rows; add at least one image,prompt row")
+        raise DatasetError(f"{metadata}: no rows; add at least one {media},prompt row")
     samples = []
     for i, row in enumerate(rows):
         where = f"{metadata} row {i + 1}"
         if not isinstance(row, dict):
-            raise DatasetError(f"{where}: expected an object with image and prompt keys, got {type(row).__name__}")
-        for column in ("image", "prompt"):
+            raise DatasetError(f"{where}: expected an object with {media} and prompt keys, got {type(row).__name__}")
+        for column in (media, "prompt", *columns):
             if column not in row:
                 kind = "column" if i == 0 else "key"
                 raise DatasetError(f"{where}: no {column!r} {kind} (has {sorted(row)}); name it {column!r}")
-        path = base / str(row["image"])
-        if not path.is_file():
-            raise DatasetError(f"{where}: image {path} does not exist; fix the path or remove the row")
-        try:
-            with Image.open(path) as im:
-                w, h = im.size
-        except (UnidentifiedImageError, OSError) as exc:
-            raise DatasetError(f"{where}: image {path} is not a readable image ({exc}); replace or remove it") from exc
+        path = base / str(row[media])
+        if not path.exists():
+            raise DatasetError(f"{where}: {media} {path} does not exist; fix the path or remove the row")
+        (w, h), frames = _media_header(path, where=where, media=media)
         try:
             size = train_size(w, h, max_pixels=max_pixels, multiple=multiple)
         except ValueError as exc:
-            raise DatasetError(f"{where}: image {path} is {w}x{h}, {exc}; use a larger image") from exc
-        extras = {k: v for k, v in row.items() if k not in ("image", "prompt")}
-        samples.append(Sample(i, path, str(row["prompt"] or ""), size, extras))
+            raise DatasetError(f"{where}: {media} {path} is {w}x{h}, {exc}; use a larger {media}") from exc
+        num_frames = 0
+        if media == "video":
+            num_frames = (min(frames, max_frames) - 1) // frame_step * frame_step + 1
+        extras = {k: v for k, v in row.items() if k not in (media, "prompt")}
+        samples.append(Sample(i, path, str(row["prompt"] or ""), size, extras, num_frames))
     return samples
+
+
+def _frame_files(path: Path) -> list[Path]:
+    return sorted(p for p in path.iterdir() if p.suffix.lower() in FRAME_SUFFIXES)
+
+
+def _media_header(path: Path, *, where: str, media: str) -> tuple[tuple[int, int], int]:
+    """((width, height), number of frames) of an image, a folder of frames or an animated file."""
+    from PIL import Image, UnidentifiedImageError
+
+    first = path
+    if path.is_dir():
+        frames = _frame_files(path)
+        if not frames:
+            raise DatasetError(f"{where}: {media} folder {path} holds no frame images ({', '.join(FRAME_SUFFIXES)})")
+        first = frames[0]
+    try:
+        with Image.open(first) as im:
+            count = len(frames) if path.is_dir() else getattr(im, "n_frames", 1)
+            return im.size, count
+    except (UnidentifiedImageError, OSError) as exc:
+        raise DatasetError(f"{where}: {media} {first} is not a readable image ({exc}); replace or remove it") from exc
 
 
 def load_image(path: Path, size: tuple[int, int]) -> torch.Tensor:
     """Decode an image, resize to cover `size` (width, height), centre-crop; float32 CHW in [-1, 1]."""
     from PIL import Image
 
-    width, height = size
     try:
         with Image.open(path) as im:
-            im = im.convert("RGB")
-            scale = max(width / im.width, height / im.height)
-            im = im.resize((max(width, round(im.width * scale)), max(height, round(im.height * scale))),
-                           Image.BILINEAR)
-            left, top = (im.width - width) // 2, (im.height - height) // 2
-            im = im.crop((left, top, left + width, top + height))
-            pixels = np.asarray(im, dtype=np.uint8)
+            return _to_tensor(im, size)
     except OSError as exc:
         raise DatasetError(f"image {path} cannot be decoded ({exc}); replace or remove it") from exc
+
+
+def load_video(path: Path, size: tuple[int, int], num_frames: int) -> torch.Tensor:
+    """The first `num_frames` frames of a clip (frame folder or animated GIF/WebP), each resized
+    and cropped like `load_image`; float32 C,F,H,W in [-1, 1]."""
+    from PIL import Image, ImageSequence
+
+    try:
+        if Path(path).is_dir():
+            frames = [load_image(p, size) for p in _frame_files(Path(path))[:num_frames]]
+        else:
+            with Image.open(path) as im:
+                frames = [_to_tensor(f, size) for f, _ in zip(ImageSequence.Iterator(im), range(num_frames))]
+    except OSError as exc:
+        raise DatasetError(f"video {path} cannot be decoded ({exc}); replace or remove it") from exc
+    if len(frames) < num_frames:
+        raise DatasetError(f"video {path} has {len(frames)} frames, {num_frames} expected; re-read the dataset")
+    return torch.stack(frames, dim=1)
+
+
+def _to_tensor(im: Any, size: tuple[int, int]) -> torch.Tensor:
+    from PIL import Image
+
+    width, height = size
+    im = im.convert("RGB")
+    scale = max(width / im.width, height / im.height)
+    im = im.resize((max(width, round(im.width * scale)), max(height, round(im.height * scale))), Image.BILINEAR)
+    left, top = (im.width - width) // 2, (im.height - height) // 2
+    im = im.crop((left, top, left + width, top + height))
+    pixels = np.asarray(im, dtype=np.uint8)
     return torch.from_numpy(pixels.copy()).permute(2, 0, 1).float().div(127.5).sub(1.0)
 
 
 def sample_fingerprint(sample: Sample) -> str:
-    """sha256 of the image bytes, the prompt and the training size: what stage 1 depends on."""
-    h = hashlib.sha256(sample.image_path.read_bytes())
-    h.update(json.dumps([sample.prompt, list(sample.size)]).encode())
+    """sha256 of the image (or clip's frame) bytes, the prompt, the training size and any other
+    columns and frame count: what stage 1 depends on."""
+    path = sample.image_path
+    files = _frame_files(path) if path.is_dir() else [path]
+    h = hashlib.sha256(b"".join(f.read_bytes() for f in files))
+    extra = [sample.extras, sample.num_frames] if sample.extras or sample.num_frames else []
+    h.update(json.dumps([sample.prompt, list(sample.size), *extra], default=str).encode())
     return h.hexdigest()
 
 
@@ -187,3 +248,31 @@ def _draw(pattern: str, width: int, height: int, fg: tuple, bg: tuple) -> np.nda
         t = (x / max(width - 1, 1))[..., None]
         return (np.array(bg) * (1 - t) + np.array(fg) * t).astype(np.uint8)
     return np.where(on[..., None], np.array(fg), np.array(bg)).astype(np.uint8)
+
+
+def write_synthetic_videos(root: Path, *, num_samples: int = 6, seed: int = 0) -> Path:
+    """Write a deterministic clip+caption dataset (one folder of PNG frames per clip +
+    metadata.csv, column `video`) to `root`: a square moving across a background, 5 or 9 frames
+    (two frame-count buckets) of 32x32. Returns `root`."""
+    from PIL import Image
+
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    names = list(_COLORS)
+    rows = []
+    for i in range(num_samples):
+        fg, bg = rng.choice(len(names), size=2, replace=False)
+        num_frames, clip = (9 if i % 2 else 5), root / f"{i:04d}"
+        clip.mkdir()
+        for f in range(num_frames):
+            pixels = np.empty((32, 32, 3), np.uint8)
+            pixels[:] = _COLORS[names[bg]]
+            x = 2 + 2 * f
+            pixels[12:20, x:x + 8] = _COLORS[names[fg]]
+            Image.fromarray(pixels).save(clip / f"{f:04d}.png")
+        rows.append((clip.name, f"a {names[fg]} square moving right on a {names[bg]} background"))
+    with (root / "metadata.csv").open("w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["video", "prompt"])
+        writer.writerows(rows)
+    return root

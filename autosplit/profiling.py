@@ -17,7 +17,8 @@ from typing import Any
 import torch
 
 from autosplit.graph import UnitContext
-from autosplit.models import NON_MODULE_COMPONENTS, load_components
+from autosplit.adapters.base import component_from_config, is_module_component
+from autosplit.models import load_components
 from autosplit.profiler import Profile, fake_build, new_fake_mode, profile_graph, trace_graph
 from autosplit.session import Session
 from autosplit.trainer import make_trainable, step_generator
@@ -37,16 +38,16 @@ def profile_batch(session: Session, *, image_size: tuple[int, int] | None = None
     batch_size = session.config.train.batch_size
     if image_size is None:
         samples = session.samples()
-        first = [s for s in samples if s.bucket == samples[0].bucket][:batch_size]
-        return {"image_path": [s.image_path for s in first], "image_size": [s.size for s in first],
-                "prompt": [s.prompt for s in first], "sample_id": [s.index for s in first]}
+        first = [s.sources() for s in samples if s.bucket == samples[0].bucket][:batch_size]
+        return {key: [value for source in first for value in source[key]] for key in first[0]}
     from PIL import Image
 
     path = Path(workdir or tempfile.mkdtemp(prefix="autosplit-profile-")) / f"profile_{image_size[0]}x{image_size[1]}.png"
     if not path.exists():
         Image.new("RGB", image_size, (127, 90, 200)).save(path)
     return {"image_path": [path] * batch_size, "image_size": [tuple(image_size)] * batch_size,
-            "prompt": [prompt or "a purple square"] * batch_size, "sample_id": list(range(batch_size))}
+            "num_frames": [1] * batch_size, "prompt": [prompt or "a purple square"] * batch_size,
+            "sample_id": list(range(batch_size))}
 
 
 def prompt_with_tokens(tokenizer: Any, num_tokens: int) -> str:
@@ -85,13 +86,13 @@ def _fake_components(session: Session, root: Path | None, fake_mode: Any,
     for name in _all_components(session):
         if only is not None and name not in only:
             continue
-        if name in NON_MODULE_COMPONENTS:  # small and weight-free: load them for real
-            source = root if root is not None and (root / name).is_dir() else tiny
+        source = root if root is not None and (root / name).is_dir() else tiny
+        if not is_module_component(source, name):  # tokenizers, schedulers: small, load them for real
             components.update(load_components(session.adapter, source, [name], device=torch.device("cpu"),
                                               dtype=session.dtype))
             continue
         with fake_build(fake_mode, session.dtype):
-            module = session.adapter.component_from_config(root, name, overrides=overrides.get(name))
+            module = component_from_config(session.adapter, root, name, overrides=overrides.get(name))
             components[name] = module.requires_grad_(False).eval()
     return components
 
@@ -133,8 +134,61 @@ def _config_value(session: Session, root: Path | None, name: str, key: str) -> i
     from accelerate import init_empty_weights
 
     with init_empty_weights():
-        module = session.adapter.component_from_config(root, name)
+        module = component_from_config(session.adapter, root, name)
     return int(module.config[key])
+
+
+def _profile_key(session: Session, batch: dict[str, Any]) -> str:
+    """Everything a fake profile depends on: the configs (not the weights), graph, batch shape and
+    the settings that change memory."""
+    import hashlib
+    import json
+
+    import autosplit
+
+    root = session.model_root
+    configs = {str(p.relative_to(root)): p.read_text() for p in sorted(root.rglob("*.json"))
+               if p.stat().st_size < 1 << 20}
+    units = [[u.name, list(u.inputs), list(u.outputs), list(u.components)] for u in session.graph]
+    described = {k: [str(x) for x in v] for k, v in batch.items() if k not in ("image_path", "sample_id")}
+    cfg = session.config
+    key = {"version": autosplit.__version__, "torch": torch.__version__, "pipeline": session.adapter.name,
+           "task": session.task, "dtype": str(session.dtype), "configs": configs, "units": units,
+           "batch": described, "lora": dataclasses.asdict(cfg.lora), "trainable": list(session.trainable),
+           "checkpointing": cfg.train.gradient_checkpointing}
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def plan_profile(session: Session) -> Profile | None:
+    """The profile `autosplit run` plans from: a fake profile of the configured model (memoized in
+    $AUTOSPLIT_HOME/profiles by configs, graph, batch and settings), or a real one, or None when
+    `plan.profile` is "none" or fake tracing cannot follow the model (data-dependent ops); the
+    planner then uses the units' declarations."""
+    import json
+    import logging
+
+    from autosplit.builtin import autosplit_home
+
+    if session.config.plan.profile == "real":
+        return profile_real(session)
+    if session.config.plan.profile == "none":
+        return None
+    path = autosplit_home() / "profiles" / f"{_profile_key(session, profile_batch(session))}.json"
+    if path.is_file():
+        return Profile.from_dict(json.loads(path.read_text()))
+    from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException
+
+    try:
+        profile = profile_fake(session, full_size=False)
+    except (DataDependentOutputException, DynamicOutputShapeException) as exc:  # .item(), nonzero, ...
+        logging.getLogger(__name__).warning("fake profile failed (%s: %s); planning from the units' declarations "
+                                            "(--profile real measures with the weights)", type(exc).__name__, exc)
+        return None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{id(profile)}")
+    tmp.write_text(json.dumps(profile.to_dict()))
+    tmp.replace(path)
+    return profile
 
 
 def extrapolate_profiles(one: Any, two: Any, count: int) -> Any:

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from autosplit.adapters.base import Adapter, get_adapter, read_model_index
-from autosplit.builtin import builtin_dataset_root, builtin_model_root
+from autosplit.builtin import builtin_dataset_root, builtin_distill_root, builtin_model_root
 from autosplit.config import RunConfig
 from autosplit.data import Sample, read_dataset, sample_fingerprint
 from autosplit.errors import ConfigError
@@ -20,7 +20,7 @@ from autosplit.graph import UnitGraph
 from autosplit.models import fingerprint_component
 from autosplit.planner import Plan, make_plan
 from autosplit.profiler import Profile
-from autosplit.tasks import build_graph
+from autosplit.tasks import TASK_COLUMNS, build_graph
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +47,10 @@ class Session:
         `plan.profile` says ("fake": configs only, no weights; "real": the weights on the device;
         "none": the units' declarations)."""
         if profile is None and self.config.plan.profile != "none":
-            from autosplit.profiling import profile_fake, profile_real
+            from autosplit.profiling import plan_profile
 
             check_components_present(self, sorted({c for u in self.graph for c in u.components}))
-            profile = profile_real(self) if self.config.plan.profile == "real" else profile_fake(self, full_size=False)
+            profile = plan_profile(self)
         return make_plan(self.graph, pipeline=self.adapter.name, task=self.task, trainable=self.trainable,
                          split=self.config.train.split, layouts=self.adapter.value_layouts(),
                          settings=self.config.to_dict(), profile=profile,
@@ -58,9 +58,16 @@ class Session:
 
     def samples(self) -> list[Sample]:
         data = self.config.data
-        base = Path(data.base_path) if data.base_path else builtin_dataset_root()
+        media = self.adapter.media
+        if data.base_path:
+            base = Path(data.base_path)
+        elif self.task == "direct_distill":
+            base = builtin_distill_root(self.adapter, self.model_root)
+        else:
+            base = builtin_dataset_root(media)
         metadata = Path(data.metadata_path) if data.metadata_path else None
-        return read_dataset(base, metadata, max_pixels=data.max_pixels, multiple=self.adapter.image_multiple)
+        return read_dataset(base, metadata, max_pixels=data.max_pixels, multiple=self.adapter.image_multiple,
+                            media=media, columns=TASK_COLUMNS[self.task], max_frames=data.max_frames)
 
     def stage1_key(self, plan: Plan, samples: list[Sample], sample_sha: list[bytes]) -> dict[str, Any]:
         """Everything stage-1 outputs depend on; a cache made under another key is stale."""

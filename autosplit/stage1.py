@@ -23,8 +23,7 @@ log = logging.getLogger(__name__)
 
 def sample_sources(sample: Sample) -> dict[str, Any]:
     """The dataset values of one sample, as a batch of one (lists)."""
-    return {"image_path": [sample.image_path], "image_size": [sample.size], "prompt": [sample.prompt],
-            "sample_id": [sample.index]}
+    return sample.sources()
 
 
 @torch.no_grad()

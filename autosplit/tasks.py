@@ -1,33 +1,71 @@
 """Training tasks: the units shared by every family, and the graph of a family + task.
 
-`sft` is flow-matching supervised fine-tuning as Qwen-Image (and FLUX) train: a timestep is drawn
-from the scheduler's shifted sigma schedule, noise from a standard normal, the model predicts the
-velocity `noise - latents` of `noisy = (1 - sigma) * latents + sigma * noise`, loss is the MSE.
-Noise and timestep are drawn from the per-step generator every step, never cached.
+`sft` is supervised fine-tuning. The objective comes from the family's scheduler config, not from
+a copy of the graph per family: flow-matching schedulers (Qwen-Image, FLUX, Wan) draw a sigma from
+the shifted sigma schedule and the model predicts the velocity `noise - latents` of
+`noisy = (1 - sigma) * latents + sigma * noise`; DDPM-style schedulers (SD 1.5, SDXL) draw an
+integer timestep, noise with the scheduler's `alphas_cumprod`, and the model predicts the noise
+(`prediction_type = "epsilon"`) or the velocity (`"v_prediction"`). Noise and timestep are drawn
+from the per-step generator every step, never cached.
+
+`direct_distill` is the seed's direct distillation: the student runs `num_inference_steps` Euler
+steps from the initial noise the sample's `seed` determines, and the loss is the MSE between its
+final latents and the latents of the image the full model made with many steps. That initial noise
+is drawn from a generator seeded by the sample, so it is deterministic and the planner's rules put
+it in stage 1 with the prompt embeddings and target latents.
 """
 
 from __future__ import annotations
 
 from typing import Any, Mapping
 
+import numpy as np
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from autosplit.adapters.base import Adapter
-from autosplit.data import load_image
-from autosplit.errors import ConfigError
+from autosplit.data import load_image, load_video
+from autosplit.errors import ConfigError, DatasetError
 from autosplit.graph import Unit, UnitContext, UnitGraph
 
-TASKS = ("sft",)
-SOURCES = ("image_path", "image_size", "prompt", "sample_id")
+TASKS = ("sft", "direct_distill")
 #: how image latents come from the VAE posterior: its mode (deterministic, as DiffSynth-Studio
 #: trains), a fresh sample every step (the distribution is cached, sampling runs in stage 2), or
 #: one frozen sample per image (seeded by the sample, so it is cached)
 VAE_LATENTS = ("mode", "sample", "frozen_sample")
+SOURCES = ("image_path", "image_size", "num_frames", "prompt", "sample_id", "seed", "rand_device",
+           "num_inference_steps",
+           "cfg_scale")
+#: dataset columns each task needs besides the image (or video) and the prompt
+TASK_COLUMNS = {"sft": (), "direct_distill": ("seed", "rand_device", "num_inference_steps", "cfg_scale")}
 
 
 def load_images(values: Mapping[str, Any], ctx: UnitContext) -> dict[str, Any]:
     images = [load_image(p, s) for p, s in zip(values["image_path"], values["image_size"])]
     return {"image": torch.stack(images)}
+
+
+def load_videos(values: Mapping[str, Any], ctx: UnitContext) -> dict[str, Any]:
+    clips = [load_video(p, s, n) for p, s, n in zip(values["image_path"], values["image_size"], values["num_frames"])]
+    return {"video": torch.stack(clips)}  # B,3,F,H,W
+
+
+def objective(scheduler: Any) -> str:
+    """'flow', 'epsilon' or 'v_prediction', read from the scheduler's class and config."""
+    cfg = scheduler.config
+    if (type(scheduler).__name__.startswith("FlowMatch") or cfg.get("use_flow_sigmas")
+            or cfg.get("prediction_type") == "flow_prediction"):
+        return "flow"
+    kind = cfg.get("prediction_type", "epsilon")
+    if kind not in ("epsilon", "v_prediction"):
+        raise ConfigError(f"scheduler prediction_type {kind!r} is not supported; use epsilon or v_prediction")
+    return kind
+
+
+def _seq_len(latents: torch.Tensor, patch: int) -> int:
+    """Tokens the transformer sees: frames x (h / patch) x (w / patch)."""
+    frames = int(np.prod(latents.shape[2:-2])) if latents.dim() > 4 else 1
+    return frames * (latents.shape[-2] // patch) * (latents.shape[-1] // patch)
 
 
 def _shift_mu(scheduler: Any, image_seq_len: int) -> float:
@@ -38,20 +76,26 @@ def _shift_mu(scheduler: Any, image_seq_len: int) -> float:
     return image_seq_len * slope + base_shift - slope * base_len
 
 
+def _set_sigmas(scheduler: Any, num_steps: int, seq_len: int, **kwargs: Any) -> torch.Tensor:
+    if scheduler.config.get("use_dynamic_shifting", False):
+        kwargs["mu"] = _shift_mu(scheduler, seq_len)
+    scheduler.set_timesteps(num_steps, device="cpu", **kwargs)
+    return torch.as_tensor(scheduler.sigmas).float()
+
+
 def sample_timestep(values: Mapping[str, Any], ctx: UnitContext) -> dict[str, Any]:
     scheduler = ctx.components["scheduler"]
     latents = values["image_latents"]
-    b, _, h, w = latents.shape
-    patch = ctx.settings.get("patch_size", 2)
+    b = latents.shape[0]
     steps = scheduler.config.num_train_timesteps
-    if scheduler.config.get("use_dynamic_shifting", False):
-        scheduler.set_timesteps(steps, device="cpu", mu=_shift_mu(scheduler, (h // patch) * (w // patch)))
+    if objective(scheduler) == "flow":
+        sigmas = _set_sigmas(scheduler, steps, _seq_len(latents, ctx.settings.get("patch_size", 2)))[:-1]
+        sigma = sigmas[torch.randint(0, sigmas.numel(), (b,), generator=ctx.generator)]  # last sigma is 0
+        timestep = sigma * 1000
     else:
-        scheduler.set_timesteps(steps, device="cpu")
-    sigmas = scheduler.sigmas[:-1].float()  # the last entry is the terminal sigma 0
-    index = torch.randint(0, sigmas.numel(), (b,), generator=ctx.generator)
-    sigma = sigmas[index]
-    return {"sigma": sigma.to(ctx.device), "timestep": (sigma * 1000).to(ctx.device)}
+        timestep = torch.randint(0, steps, (b,), generator=ctx.generator)
+        sigma = (1 - scheduler.alphas_cumprod[timestep]).sqrt()  # the noise's standard deviation
+    return {"sigma": sigma.to(ctx.device), "timestep": timestep.to(ctx.device)}
 
 
 def sample_noise(values: Mapping[str, Any], ctx: UnitContext) -> dict[str, Any]:
@@ -61,9 +105,15 @@ def sample_noise(values: Mapping[str, Any], ctx: UnitContext) -> dict[str, Any]:
 
 
 def add_noise(values: Mapping[str, Any], ctx: UnitContext) -> dict[str, Any]:
-    latents, noise = values["image_latents"], values["noise"]
-    sigma = values["sigma"].view(-1, *([1] * (latents.dim() - 1))).to(latents.dtype)
-    return {"noisy_latents": (1 - sigma) * latents + sigma * noise, "target": noise - latents}
+    scheduler = ctx.components["scheduler"]
+    latents, noise, timestep = values["image_latents"], values["noise"], values["timestep"]
+    kind = objective(scheduler)
+    if kind == "flow":
+        sigma = values["sigma"].view(-1, *([1] * (latents.dim() - 1))).to(latents.dtype)
+        return {"noisy_latents": (1 - sigma) * latents + sigma * noise, "target": noise - latents}
+    noisy = scheduler.add_noise(latents, noise, timestep)
+    target = noise if kind == "epsilon" else scheduler.get_velocity(latents, noise, timestep)
+    return {"noisy_latents": noisy, "target": target}
 
 
 def sample_latents(values: Mapping[str, Any], ctx: UnitContext) -> dict[str, Any]:
@@ -77,7 +127,7 @@ def sample_latents_frozen(values: Mapping[str, Any], ctx: UnitContext) -> dict[s
     draw every epoch, so it may be cached."""
     mean, std = values["latent_mean"], values["latent_std"]
     draws = []
-    for i, sample_id in enumerate(values["sample_id"]):
+    for sample_id in values["sample_id"]:
         generator = torch.Generator().manual_seed(ctx.settings.get("seed", 0) * 1_000_003 + int(sample_id))
         draws.append(torch.randn(mean.shape[1:], generator=generator, dtype=torch.float32))
     noise = torch.stack(draws).to(mean.device, mean.dtype)
@@ -90,7 +140,9 @@ def _latent_units(adapter: Adapter, units: list[Unit], vae_latents: str) -> list
         return units
     if vae_latents not in VAE_LATENTS:
         raise ConfigError(f"data.vae_latents={vae_latents!r} is unknown; choose one of {list(VAE_LATENTS)}")
-    encode = next(u for u in units if u.name == "encode_image")
+    encode = next((u for u in units if u.name == "encode_image"), None)
+    if encode is None or not hasattr(adapter, "encode_image_dist"):
+        raise ConfigError(f"data.vae_latents={vae_latents!r}: the {adapter.name} family supports only 'mode'")
     dist = Unit("encode_image_dist", encode.inputs, ("latent_mean", "latent_std"), adapter.encode_image_dist,
                 components=encode.components, doc="VAE posterior mean and std, normalized")
     if vae_latents == "sample":
@@ -103,9 +155,95 @@ def _latent_units(adapter: Adapter, units: list[Unit], vae_latents: str) -> list
     return units[:index] + [dist, sample] + units[index + 1:]
 
 
-def flow_matching_loss(values: Mapping[str, Any], ctx: UnitContext) -> dict[str, Any]:
+def denoise_loss(values: Mapping[str, Any], ctx: UnitContext) -> dict[str, Any]:
     pred, target = values["model_pred"].float(), values["target"].float()
     return {"loss": torch.nn.functional.mse_loss(pred, target)}
+
+
+def initial_noise(values: Mapping[str, Any], ctx: UnitContext) -> dict[str, Any]:
+    """The noise the sample's own `seed` determines, as diffusers pipelines draw it with
+    `generator=torch.Generator(rand_device).manual_seed(seed)`; never ctx.generator."""
+    latents = values["image_latents"]
+    noise = []
+    for seed, device in zip(values["seed"], values["rand_device"]):
+        generator = torch.Generator(device=str(device)).manual_seed(int(seed))
+        noise.append(torch.randn(latents.shape[1:], generator=generator, device=str(device), dtype=torch.float32))
+    return {"initial_noise": torch.stack(noise).to(ctx.device, latents.dtype)}
+
+
+def distill_settings(values: Mapping[str, Any], ctx: UnitContext) -> dict[str, Any]:
+    steps = torch.tensor([[int(n)] for n in values["num_inference_steps"]], dtype=torch.int64)
+    cfg = torch.tensor([[float(c)] for c in values["cfg_scale"]], dtype=torch.float32)
+    if (steps < 1).any():
+        raise DatasetError(f"num_inference_steps {steps.flatten().tolist()}: each must be at least 1")
+    return {"num_steps": steps.to(ctx.device), "guidance_scale": cfg.to(ctx.device)}
+
+
+def make_rollout(denoise: Unit) -> Unit:
+    """The student's few-step Euler rollout, calling the family's `denoise` unit at each step.
+
+    Each step is checkpointed: backward keeps one latent per step and recomputes one step's
+    activations at a time, so memory grows with steps x latent size, not steps x activations.
+    """
+    cond = tuple(v for v in denoise.inputs if v not in ("noisy_latents", "timestep"))
+    trained = denoise.components[0]
+
+    def rollout(values: Mapping[str, Any], ctx: UnitContext) -> dict[str, Any]:
+        steps, guidance = values["num_steps"].flatten(), values["guidance_scale"].flatten()
+        if not (steps == steps[0]).all():
+            raise DatasetError(f"a batch mixes num_inference_steps {steps.tolist()}; use --batch_size 1 or one value")
+        if not getattr(ctx.components[trained].config, "guidance_embeds", False) and (guidance != 1).any():
+            raise DatasetError(f"cfg_scale {guidance.tolist()}: this family's student runs without guidance "
+                               f"(as the seed's direct distillation); set cfg_scale to 1")
+        latents = values["initial_noise"]
+        n = int(steps[0])
+        sigmas = _set_sigmas(ctx.components["scheduler"], n, _seq_len(latents, ctx.settings.get("patch_size", 2)),
+                             sigmas=np.linspace(1.0, 1 / n, n))
+        sigmas = sigmas.to(latents.device)
+        fixed = {name: values[name] for name in cond}
+
+        def step(x: torch.Tensor, i: int) -> torch.Tensor:
+            t = (sigmas[i] * 1000).expand(x.shape[0])
+            pred = denoise.fn({**fixed, "noisy_latents": x, "timestep": t, "guidance": guidance}, ctx)["model_pred"]
+            return (x.float() + (sigmas[i + 1] - sigmas[i]) * pred.float()).to(x.dtype)  # FlowMatchEuler step
+
+        for i in range(n):
+            latents = checkpoint(step, latents, i, use_reentrant=False)
+        return {"final_latents": latents}
+
+    return Unit("rollout", ("initial_noise", "num_steps", "guidance_scale", *cond), ("final_latents",), rollout,
+                components=(*denoise.components, "scheduler"),
+                doc="student's num_inference_steps Euler steps, each checkpointed")
+
+
+def distill_loss(values: Mapping[str, Any], ctx: UnitContext) -> dict[str, Any]:
+    return {"loss": torch.nn.functional.mse_loss(values["final_latents"].float(), values["image_latents"].float())}
+
+
+def _sft_units() -> list[Unit]:
+    return [
+        Unit("sample_timestep", ("image_latents",), ("sigma", "timestep"), sample_timestep,
+             components=("scheduler",), draws_random=True,
+             doc="flow: uniform index into the shifted sigmas; DDPM: uniform integer timestep"),
+        Unit("sample_noise", ("image_latents",), ("noise",), sample_noise, draws_random=True,
+             doc="standard normal noise, fresh every step"),
+        Unit("add_noise", ("image_latents", "noise", "sigma", "timestep"), ("noisy_latents", "target"), add_noise,
+             components=("scheduler",), doc="noising and target of the scheduler's objective"),
+        Unit("denoise_loss", ("model_pred", "target"), ("loss",), denoise_loss, doc="MSE in fp32"),
+    ]
+
+
+def _distill_units(denoise: Unit) -> list[Unit]:
+    return [
+        # randomness seeded by the sample itself is deterministic: draws_random stays False
+        Unit("initial_noise", ("image_latents", "seed", "rand_device"), ("initial_noise",), initial_noise,
+             doc="randn from torch.Generator(rand_device).manual_seed(seed), per sample"),
+        Unit("distill_settings", ("num_inference_steps", "cfg_scale"), ("num_steps", "guidance_scale"),
+             distill_settings, doc="the row's student steps and guidance, as tensors"),
+        make_rollout(denoise),
+        Unit("distill_loss", ("final_latents", "image_latents"), ("loss",), distill_loss,
+             doc="MSE between the student's final latents and the target's latents, fp32"),
+    ]
 
 
 def build_graph(adapter: Adapter, task: str, *, vae_latents: str = "mode") -> UnitGraph:
@@ -113,18 +251,17 @@ def build_graph(adapter: Adapter, task: str, *, vae_latents: str = "mode") -> Un
     if task not in TASKS:
         forms = ", ".join(f"{t}, {t}:data_process, {t}:train" for t in TASKS)
         raise ConfigError(f"--task {task!r} is unknown; choose one of {forms}")
-    shared_head = [
-        Unit("load_image", ("image_path", "image_size"), ("image",), load_images,
-             doc="decode, resize to cover, centre-crop to the training size"),
-    ]
-    shared_tail = [
-        Unit("sample_timestep", ("image_latents",), ("sigma", "timestep"), sample_timestep,
-             components=("scheduler",), draws_random=True, doc="uniform index into the shifted sigmas"),
-        Unit("sample_noise", ("image_latents",), ("noise",), sample_noise, draws_random=True,
-             doc="standard normal noise, fresh every step"),
-        Unit("add_noise", ("image_latents", "noise", "sigma"), ("noisy_latents", "target"), add_noise,
-             doc="flow-matching interpolation and velocity target"),
-        Unit("flow_matching_loss", ("model_pred", "target"), ("loss",), flow_matching_loss, doc="MSE in fp32"),
-    ]
+    if adapter.media == "video":
+        head = [Unit("load_video", ("image_path", "image_size", "num_frames"), ("video",), load_videos,
+                     doc="decode frames, resize to cover, centre-crop")]
+    else:
+        head = [Unit("load_image", ("image_path", "image_size"), ("image",), load_images,
+                     doc="decode, resize to cover, centre-crop to the training size")]
     family = _latent_units(adapter, adapter.family_units(), vae_latents)
-    return UnitGraph(shared_head + family + shared_tail, sources=SOURCES)
+    if task == "sft":
+        return UnitGraph(head + family + _sft_units(), sources=SOURCES)
+    if task not in adapter.tasks:
+        raise ConfigError(f"--task {task}: the {adapter.name} family supports {list(adapter.tasks)}")
+    denoise = next(u for u in family if u.name == "denoise")
+    rest = [u for u in family if u.name != "denoise"]
+    return UnitGraph(head + rest + _distill_units(denoise), sources=SOURCES)

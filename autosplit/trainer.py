@@ -58,7 +58,9 @@ def check_lora_targets(model: torch.nn.Module, targets: list[str], *, component:
 
 
 def lora_targets(session: Session) -> list[str]:
-    return [t.strip() for t in session.config.lora.target_modules.split(",") if t.strip()]
+    """`--lora_target_modules`, or the family's default list when it is empty."""
+    targets = [t.strip() for t in session.config.lora.target_modules.split(",") if t.strip()]
+    return targets or list(session.adapter.default_lora_targets)
 
 
 def check_trainable_early(session: Session) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from autosplit.config import BUILTIN_PRESET, DEFAULT_LORA_TARGETS, SEED_FLAGS, RunConfig, all_keys, load_config
+from autosplit.config import BUILTIN_PRESET, SEED_FLAGS, RunConfig, all_keys, load_config
 from autosplit.errors import ConfigError
 
 DATASET = {"dataset_base_path": "/data/pets"}
@@ -38,7 +38,7 @@ def test_defaults_with_a_dataset_are_the_dataclass_defaults():
     assert (config.train.num_epochs, config.data.repeat) == (1, 1)
     assert config.train.learning_rate == 1e-4 and config.lora.rank == 32
     assert config.train.mixed_precision == "no" and config.train.split is True
-    assert config.lora.target_modules == DEFAULT_LORA_TARGETS
+    assert config.lora.target_modules == ""  # the family's default list
 
 
 def test_builtin_preset_applies_without_a_dataset():
@@ -265,8 +265,8 @@ def test_seed_flags_set_the_right_keys():
     assert c.to_dict() == {
         "output_path": "/out",
         "model": {"pipeline": "qwen_image", "path": "/models/qwen", "device": "cuda:1", "dtype": "float16"},
-        "data": {"base_path": "/data", "metadata_path": "/data/meta.jsonl", "max_pixels": 262144, "repeat": 3,
-                 "num_workers": 5, "prefetch": 4, "vae_latents": "mode"},
+        "data": {"base_path": "/data", "metadata_path": "/data/meta.jsonl", "max_pixels": 262144, "max_frames": 81,
+                 "repeat": 3, "num_workers": 5, "prefetch": 4, "vae_latents": "mode"},
         "train": {"task": "sft:train", "split": True, "learning_rate": 5e-5, "num_epochs": 2, "batch_size": 4,
                   "gradient_accumulation_steps": 2, "max_steps": 100, "seed": 11, "gradient_checkpointing": False,
                   "mixed_precision": "bf16"},
@@ -282,5 +282,5 @@ def test_all_keys_lists_top_level_and_nested_keys():
     assert keys[0] == "output_path"
     assert {"model.path", "data.base_path", "train.learning_rate", "lora.rank", "cache.zstd_level"} <= set(keys)
     assert not {"model", "data", "train", "lora", "cache"} & set(keys)
-    assert len(keys) == len(set(keys)) == 1 + 4 + 7 + 10 + 5 + 3 + 3
+    assert len(keys) == len(set(keys)) == 1 + 4 + 8 + 10 + 5 + 3 + 3
     assert all(re.fullmatch(r"[a-z_]+(\.[a-z_0-9]+)?", k) for k in keys)

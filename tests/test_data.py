@@ -331,3 +331,33 @@ def test_sample_fingerprint_depends_on_content_prompt_and_size(folder, tmp_path)
 
     save_image(folder / "a.png", 64, 64, color=(200, 30, 31))  # one channel value changes
     assert sample_fingerprint(sample) != base
+
+
+def test_video_datasets_read_frame_folders_and_animated_files(tmp_path):
+    from PIL import Image
+
+    from autosplit.data import load_video, read_dataset, write_synthetic_videos
+
+    root = write_synthetic_videos(tmp_path / "v", num_samples=2)
+    frames = [Image.new("RGB", (48, 32), (i * 20, 0, 0)) for i in range(7)]
+    frames[0].save(root / "clip.gif", save_all=True, append_images=frames[1:], duration=40)
+    with (root / "metadata.csv").open("a") as f:
+        f.write("clip.gif,a gif\n")
+    samples = read_dataset(root, max_pixels=1 << 20, multiple=16, media="video", max_frames=81)
+    assert [(s.bucket, s.num_frames) for s in samples] == [((32, 32, 5), 5), ((32, 32, 9), 9), ((48, 32, 5), 5)]
+    clip = load_video(samples[2].image_path, samples[2].size, samples[2].num_frames)
+    assert clip.shape == (3, 5, 32, 48)
+    assert torch.equal(clip[0, :, 0, 0], torch.tensor([i * 20.0 for i in range(5)]).div(127.5).sub(1))
+    capped = read_dataset(root, max_pixels=1 << 20, multiple=16, media="video", max_frames=8)
+    assert [s.num_frames for s in capped] == [5, 5, 5]
+    assert load_video(samples[1].image_path, samples[1].size, 9).shape == (3, 9, 32, 32)
+
+
+def test_image_samples_keep_their_bucket_and_need_task_columns(tmp_path):
+    from autosplit.data import read_dataset, write_synthetic_dataset
+
+    root = write_synthetic_dataset(tmp_path / "d", num_samples=3)
+    samples = read_dataset(root, max_pixels=1 << 20, multiple=16)
+    assert [s.bucket for s in samples] == [(96, 64), (64, 64), (64, 64)] and samples[0].num_frames == 0
+    with pytest.raises(DatasetError, match="no 'seed' column"):
+        read_dataset(root, max_pixels=1 << 20, multiple=16, columns=("seed",))

@@ -40,3 +40,15 @@ def test_cache_format_example_runs(tmp_path, tiny_model, tiny_dataset, monkeypat
     exec(code, scope)
     assert scope["latents"].shape[0] == 16
     assert scope["embeds"].shape == (scope["n"], 32)
+
+
+def test_family_plans_in_the_docs_are_current(autosplit_home):
+    import sys
+
+    sys.path.insert(0, str(DOCS / "scripts"))
+    from update_family_plans import BLOCK, table_for
+
+    blocks = BLOCK.findall((DOCS / "families.md").read_text())
+    assert len(blocks) == 7
+    for _, flags, table, _ in blocks:
+        assert table_for(flags) == table, f"autosplit plan{flags}: run docs/scripts/update_family_plans.py"

@@ -29,7 +29,7 @@ def test_qwen_image_sft_plan():
     plan = qwen_plan()
     assert plan.stage_units(1) == ["load_image", "encode_prompt", "encode_image"]
     assert set(plan.stage_units(2)) == {"sample_noise", "sample_timestep", "add_noise", "denoise",
-                                        "flow_matching_loss"}
+                                        "denoise_loss"}
     assert [v.name for v in plan.cached] == ["prompt_embeds", "prompt_embeds_mask", "image_latents"]
     assert plan.cached_value("prompt_embeds").ragged_axis == 0
     assert plan.cached_value("image_latents").ragged_axis is None
@@ -38,7 +38,7 @@ def test_qwen_image_sft_plan():
     reasons = {u.name: u.reason for u in plan.units}
     assert reasons["sample_noise"] == "stage 2: draws per-step random numbers (declared draws_random)"
     assert reasons["denoise"].startswith("stage 2: uses trainable transformer")
-    assert reasons["add_noise"] == "stage 2: reads noise, sigma from stage 2"
+    assert reasons["add_noise"] == "stage 2: reads noise, sigma, timestep from stage 2"
     assert reasons["encode_image"].endswith("caches image_latents")
 
 

@@ -34,7 +34,12 @@ class Adapter(Protocol):
     base_model_aliases: dict[str, str]
     #: pixel sizes must be multiples of this (VAE downsampling x patch size)
     image_multiple: int
+    #: LoRA target modules when `--lora_target_modules` is not given
     default_lora_targets: tuple[str, ...]
+    #: tasks the family supports ("sft", "direct_distill")
+    tasks: tuple[str, ...]
+    #: "image", or "video" for families trained on clips (column `video` in the dataset)
+    media: str
 
     def load_component(self, root: Path, name: str, *, device: torch.device, dtype: torch.dtype) -> Any: ...
 
@@ -78,8 +83,52 @@ def read_model_index(root: Path, *, adapter: Adapter, components: list[str]) -> 
     return index
 
 
+def component_class(root: Path, name: str) -> type:
+    """The class `model_index.json` names for component `name` (diffusers or transformers)."""
+    import importlib
+
+    library, class_name = json.loads((root / "model_index.json").read_text())[name]
+    return getattr(importlib.import_module(library), class_name)
+
+
+def is_module_component(root: Path, name: str) -> bool:
+    """False for tokenizers and schedulers (small, weight-free: profiles load them for real)."""
+    return issubclass(component_class(root, name), torch.nn.Module)
+
+
+def component_from_config(adapter: Adapter, root: Path | None, name: str, *,
+                          overrides: dict[str, Any] | None = None) -> torch.nn.Module:
+    """Build a component from its config alone (random init, in the current default dtype, device
+    and mode): the adapter's own builder if it has one (full-size configs when `root` is None),
+    else the class model_index.json names, from `root/name/config.json`."""
+    own = getattr(adapter, "component_from_config", None)
+    if own is not None:
+        return own(root, name, overrides=overrides)
+    if root is None:
+        raise ModelError(f"the {adapter.name} family has no built-in full-size configuration; "
+                         f"pass --model_paths with a diffusers folder (its configs are enough, no weights)")
+    return config_only(root, name, overrides=overrides)
+
+
+def config_only(root: Path, name: str, *, overrides: dict[str, Any] | None = None) -> torch.nn.Module:
+    cls = component_class(root, name)
+    overrides = dict(overrides or {})
+    if hasattr(cls, "load_config"):  # diffusers
+        return cls.from_config({**dict(cls.load_config(root / name)), **overrides})
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(root / name)
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    return cls._from_config(config)
+
+
 _REGISTRY: dict[str, str] = {
     "qwen_image": "autosplit.adapters.qwen_image:QwenImageAdapter",
+    "flux": "autosplit.adapters.flux:FluxAdapter",
+    "sd": "autosplit.adapters.sd:StableDiffusionAdapter",
+    "sdxl": "autosplit.adapters.sd:StableDiffusionXLAdapter",
+    "wan": "autosplit.adapters.wan:WanAdapter",
 }
 
 

@@ -13,7 +13,7 @@ from typing import Any, Mapping
 
 import torch
 
-from autosplit.adapters.base import ValueLayout
+from autosplit.adapters.base import ValueLayout, config_only
 from autosplit.graph import Unit, UnitContext
 
 PROMPT_TEMPLATE = (
@@ -133,6 +133,8 @@ class QwenImageAdapter:
         "to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj", "to_out.0", "to_add_out",
         "img_mlp.net.2", "img_mod.1", "txt_mlp.net.2", "txt_mod.1",
     )
+    tasks = ("sft", "direct_distill")
+    media = "image"
 
     def family_units(self) -> list[Unit]:
         return [
@@ -177,16 +179,14 @@ class QwenImageAdapter:
         `accelerate.init_empty_weights()` for a weightless tree, or inside a FakeTensorMode.
         """
         from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
-        from transformers import AutoConfig, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+        from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-        overrides = dict(overrides or {})
+        if root is not None:
+            return config_only(root, name, overrides=overrides)
         if name == "text_encoder":
-            config = (AutoConfig.from_pretrained(root / name) if root is not None
-                      else Qwen2_5_VLConfig(**FULL_SIZE_TEXT_ENCODER))
-            return Qwen2_5_VLForConditionalGeneration._from_config(config)
+            return Qwen2_5_VLForConditionalGeneration._from_config(Qwen2_5_VLConfig(**FULL_SIZE_TEXT_ENCODER))
         cls = {"transformer": QwenImageTransformer2DModel, "vae": AutoencoderKLQwenImage}[name]
-        config = dict(cls.load_config(root / name)) if root is not None else {}
-        return cls.from_config({**config, **overrides})
+        return cls.from_config(dict(overrides or {}))
 
     def empty_component(self, root: Path, name: str) -> torch.nn.Module:
         """The component's module tree without weights (meta device): cheap even at 20 B parameters."""

@@ -12,6 +12,15 @@ from autosplit.adapters.qwen_image import (QwenImageAdapter, encode_image, encod
                                            template_prefix_len, unpack_latents)
 from autosplit.errors import ConfigError, ModelError
 from autosplit.graph import UnitContext
+from tests.adapters.contract import AdapterContract, Tester
+
+
+class TestQwenImage(AdapterContract):
+    tester = Tester(
+        pipeline="qwen_image",
+        frozen_classes=("transformers:Qwen2_5_VLForConditionalGeneration", "diffusers:AutoencoderKLQwenImage"),
+        generate=dict(height=64, width=64, num_inference_steps=2),
+    )
 
 
 @pytest.fixture(scope="module")

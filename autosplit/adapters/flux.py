@@ -1,0 +1,141 @@
+"""FLUX.1: CLIP (pooled) + T5 text encoders, AutoencoderKL, FluxTransformer2DModel.
+
+Units follow `diffusers.FluxPipeline`: the CLIP pooled output and the T5 last hidden state padded
+to 512 tokens condition the transformer; latents are shifted and scaled by the VAE config and
+packed into 2x2 patches; dev-style checkpoints (`guidance_embeds`) get a guidance value.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from autosplit.adapters import tiny
+from autosplit.adapters.base import ValueLayout
+from autosplit.adapters.qwen_image import pack_latents, unpack_latents
+from autosplit.graph import Unit, UnitContext
+
+T5_TOKENS = 512  # FluxPipeline's max_sequence_length
+TRAIN_GUIDANCE = 3.5  # guidance of dev-style checkpoints in training, as DiffSynth-Studio and diffusers' scripts
+
+
+def encode_prompt(values: Mapping[str, Any], ctx: UnitContext) -> dict[str, Any]:
+    c = ctx.components
+    prompts = list(values["prompt"])
+    clip_ids = c["tokenizer"](prompts, padding="max_length", max_length=c["tokenizer"].model_max_length,
+                              truncation=True, return_tensors="pt").input_ids.to(ctx.device)
+    pooled = c["text_encoder"](clip_ids, output_hidden_states=False).pooler_output
+    t5_ids = c["tokenizer_2"](prompts, padding="max_length", max_length=T5_TOKENS, truncation=True,
+                              return_tensors="pt").input_ids.to(ctx.device)
+    embeds = c["text_encoder_2"](t5_ids, output_hidden_states=False)[0]
+    return {"prompt_embeds": embeds.to(ctx.dtype), "pooled_prompt_embeds": pooled.to(ctx.dtype)}
+
+
+def encode_image(values: Mapping[str, Any], ctx: UnitContext) -> dict[str, Any]:
+    vae = ctx.components["vae"]
+    z = vae.encode(values["image"].to(ctx.device, vae.dtype)).latent_dist.mode()
+    return {"image_latents": ((z - vae.config.shift_factor) * vae.config.scaling_factor).to(ctx.dtype)}
+
+
+def image_ids(h: int, w: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    ids = torch.zeros(h, w, 3)
+    ids[..., 1] += torch.arange(h)[:, None]
+    ids[..., 2] += torch.arange(w)[None, :]
+    return ids.reshape(h * w, 3).to(device, dtype)
+
+
+def denoise(values: Mapping[str, Any], ctx: UnitContext) -> dict[str, Any]:
+    transformer = ctx.components["transformer"]
+    noisy, embeds = values["noisy_latents"], values["prompt_embeds"].to(ctx.dtype)
+    b, _, h, w = noisy.shape
+    guidance = None
+    if transformer.config.guidance_embeds:  # a rollout passes the row's cfg_scale
+        given = values.get("guidance")
+        guidance = given.flatten() if given is not None else torch.full((b,), TRAIN_GUIDANCE)
+        guidance = guidance.to(ctx.device, torch.float32)
+    pred = transformer(
+        hidden_states=pack_latents(noisy).to(ctx.dtype), timestep=values["timestep"].to(ctx.dtype) / 1000,
+        guidance=guidance, pooled_projections=values["pooled_prompt_embeds"].to(ctx.dtype),
+        encoder_hidden_states=embeds, txt_ids=torch.zeros(embeds.shape[1], 3, device=ctx.device, dtype=ctx.dtype),
+        img_ids=image_ids(h // 2, w // 2, ctx.device, ctx.dtype), return_dict=False,
+    )[0]
+    return {"model_pred": unpack_latents(pred, h, w)}
+
+
+class FluxAdapter:
+    """The FLUX.1 family (`FluxPipeline` folders: dev, schnell and fine-tunes)."""
+
+    name = "flux"
+    pipeline_class = "FluxPipeline"
+    base_model_aliases = {"dit": "transformer", "transformer": "transformer"}
+    image_multiple = 16  # VAE /8, then 2x2 patches
+    default_lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj",
+                            "to_add_out", "ff.net.2", "ff_context.net.2", "proj_mlp", "proj_out")
+    tasks = ("sft", "direct_distill")
+    media = "image"
+
+    def family_units(self) -> list[Unit]:
+        return [
+            Unit("encode_prompt", ("prompt",), ("prompt_embeds", "pooled_prompt_embeds"), encode_prompt,
+                 components=("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2"),
+                 doc="CLIP pooled output + T5 last hidden state (512 tokens)"),
+            Unit("encode_image", ("image",), ("image_latents",), encode_image, components=("vae",),
+                 doc="VAE posterior mode, shifted and scaled"),
+            Unit("denoise", ("noisy_latents", "timestep", "prompt_embeds", "pooled_prompt_embeds"), ("model_pred",),
+                 denoise, components=("transformer",), doc="transformer velocity prediction on 2x2-packed latents"),
+        ]
+
+    def value_layouts(self) -> dict[str, ValueLayout]:
+        return {}
+
+    def load_component(self, root: Path, name: str, *, device: torch.device, dtype: torch.dtype) -> Any:
+        from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+        from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
+
+        if name in ("tokenizer", "tokenizer_2"):
+            return AutoTokenizer.from_pretrained(root / name)
+        if name == "scheduler":
+            return FlowMatchEulerDiscreteScheduler.from_pretrained(root / name)
+        classes = {"transformer": FluxTransformer2DModel, "vae": AutoencoderKL, "text_encoder": CLIPTextModel,
+                   "text_encoder_2": T5EncoderModel}
+        return classes[name].from_pretrained(root / name, torch_dtype=dtype).to(device)
+
+    def empty_component(self, root: Path, name: str) -> torch.nn.Module:
+        from accelerate import init_empty_weights
+        from diffusers import FluxTransformer2DModel
+
+        assert name == "transformer", name
+        with init_empty_weights():
+            return FluxTransformer2DModel.from_config(FluxTransformer2DModel.load_config(root / name))
+
+    def save_lora(self, output_dir: Path, state_dict: dict[str, torch.Tensor], *, weight_name: str,
+                  metadata: dict[str, Any] | None = None) -> Path:
+        from diffusers import FluxPipeline
+
+        FluxPipeline.save_lora_weights(output_dir, transformer_lora_layers=state_dict, weight_name=weight_name,
+                                       transformer_lora_adapter_metadata=metadata)
+        return output_dir / weight_name
+
+    def write_tiny(self, root: Path, *, seed: int) -> None:
+        """Write a tiny random-init dev-style FLUX pipeline (guidance embedding on) to `root`."""
+        from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+        from transformers import T5Config, T5EncoderModel
+
+        tokenizer, tokenizer_2 = tiny.clip_tokenizer(), tiny.t5_tokenizer(T5_TOKENS)
+        torch.manual_seed(seed)
+        pipe = FluxPipeline(
+            scheduler=FlowMatchEulerDiscreteScheduler(base_image_seq_len=256, base_shift=0.5, max_image_seq_len=4096,
+                                                      max_shift=1.15, shift=3.0, use_dynamic_shifting=True),
+            vae=AutoencoderKL(block_out_channels=(8, 8, 8, 8), down_block_types=("DownEncoderBlock2D",) * 4,
+                              up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, norm_num_groups=4,
+                              layers_per_block=1, use_quant_conv=False, use_post_quant_conv=False,
+                              shift_factor=0.1159, scaling_factor=0.3611),
+            text_encoder=tiny.clip_text_encoder(tokenizer), tokenizer=tokenizer,
+            text_encoder_2=T5EncoderModel(T5Config(**tiny.t5_config(tokenizer_2))), tokenizer_2=tokenizer_2,
+            transformer=FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                               attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                               pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(4, 6, 6)),
+        )
+        pipe.save_pretrained(root)

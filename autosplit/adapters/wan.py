@@ -1,0 +1,118 @@
+"""Wan 2.1 text-to-video: UMT5 text encoder, AutoencoderKLWan, WanTransformer3DModel.
+
+Units follow `diffusers.WanPipeline`: the cleaned prompt's UMT5 states up to its length, zero-
+padded to 512 tokens (cached ragged, padded in the denoiser); clips of 4k + 1 frames encoded to
+(k + 1) latent frames normalized with the VAE's `latents_mean`/`latents_std`. Clips with other
+frame counts form other shape buckets.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from autosplit.adapters import tiny
+from autosplit.adapters.base import ValueLayout
+from autosplit.graph import Unit, UnitContext
+
+TEXT_TOKENS = 512  # WanPipeline's max_sequence_length
+
+
+def encode_prompt(values: Mapping[str, Any], ctx: UnitContext) -> dict[str, Any]:
+    from diffusers.pipelines.wan.pipeline_wan import prompt_clean
+
+    tokens = ctx.components["tokenizer"]([prompt_clean(p) for p in values["prompt"]], padding="max_length",
+                                         max_length=TEXT_TOKENS, truncation=True, add_special_tokens=True,
+                                         return_attention_mask=True, return_tensors="pt").to(ctx.device)
+    states = ctx.components["text_encoder"](tokens.input_ids, tokens.attention_mask).last_hidden_state
+    longest = int(tokens.attention_mask.sum(1).max())
+    embeds = states[:, :longest] * tokens.attention_mask[:, :longest, None]  # zeros past each prompt's end
+    return {"prompt_embeds": embeds.to(ctx.dtype)}
+
+
+def encode_video(values: Mapping[str, Any], ctx: UnitContext) -> dict[str, Any]:
+    vae = ctx.components["vae"]
+    z = vae.encode(values["video"].to(ctx.device, vae.dtype)).latent_dist.mode()
+    shape = (1, vae.config.z_dim, 1, 1, 1)
+    mean = torch.tensor(vae.config.latents_mean, device=z.device, dtype=z.dtype).view(shape)
+    std = torch.tensor(vae.config.latents_std, device=z.device, dtype=z.dtype).view(shape)
+    return {"image_latents": ((z - mean) / std).to(ctx.dtype)}  # B,16,F',h,w
+
+
+def denoise(values: Mapping[str, Any], ctx: UnitContext) -> dict[str, Any]:
+    embeds = values["prompt_embeds"].to(ctx.dtype)
+    embeds = torch.nn.functional.pad(embeds, (0, 0, 0, TEXT_TOKENS - embeds.shape[1]))  # as the pipeline pads
+    pred = ctx.components["transformer"](hidden_states=values["noisy_latents"].to(ctx.dtype),
+                                         timestep=values["timestep"], encoder_hidden_states=embeds,
+                                         return_dict=False)[0]
+    return {"model_pred": pred}
+
+
+class WanAdapter:
+    """Wan 2.1 text-to-video (`WanPipeline` folders)."""
+
+    name = "wan"
+    pipeline_class = "WanPipeline"
+    base_model_aliases = {"dit": "transformer", "transformer": "transformer"}
+    image_multiple = 16  # VAE /8, then 2x2 patches
+    default_lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2")
+    tasks = ("sft",)
+    media = "video"
+
+    def family_units(self) -> list[Unit]:
+        return [
+            Unit("encode_prompt", ("prompt",), ("prompt_embeds",), encode_prompt,
+                 components=("tokenizer", "text_encoder"), doc="UMT5 states of the cleaned prompt, up to its length"),
+            Unit("encode_video", ("video",), ("image_latents",), encode_video, components=("vae",),
+                 doc="video VAE posterior mode, normalized with latents_mean/std"),
+            Unit("denoise", ("noisy_latents", "timestep", "prompt_embeds"), ("model_pred",), denoise,
+                 components=("transformer",), doc="transformer velocity prediction, text zero-padded to 512"),
+        ]
+
+    def value_layouts(self) -> dict[str, ValueLayout]:
+        return {"prompt_embeds": ValueLayout(ragged_axis=0, max_len=TEXT_TOKENS)}
+
+    def load_component(self, root: Path, name: str, *, device: torch.device, dtype: torch.dtype) -> Any:
+        import diffusers
+        from diffusers import AutoencoderKLWan, WanTransformer3DModel
+        from transformers import AutoTokenizer, UMT5EncoderModel
+
+        if name == "tokenizer":
+            return AutoTokenizer.from_pretrained(root / name)
+        if name == "scheduler":  # UniPC (flow sigmas) in Wan's folders; FlowMatchEuler in others
+            config = diffusers.FlowMatchEulerDiscreteScheduler.load_config(root / name)
+            return getattr(diffusers, config["_class_name"]).from_config(config)
+        classes = {"transformer": WanTransformer3DModel, "vae": AutoencoderKLWan, "text_encoder": UMT5EncoderModel}
+        return classes[name].from_pretrained(root / name, torch_dtype=dtype).to(device)
+
+    def empty_component(self, root: Path, name: str) -> torch.nn.Module:
+        from accelerate import init_empty_weights
+        from diffusers import WanTransformer3DModel
+
+        with init_empty_weights():
+            return WanTransformer3DModel.from_config(WanTransformer3DModel.load_config(root / name))
+
+    def save_lora(self, output_dir: Path, state_dict: dict[str, torch.Tensor], *, weight_name: str,
+                  metadata: dict[str, Any] | None = None) -> Path:
+        from diffusers import WanPipeline
+
+        WanPipeline.save_lora_weights(output_dir, transformer_lora_layers=state_dict, weight_name=weight_name,
+                                      transformer_lora_adapter_metadata=metadata)
+        return output_dir / weight_name
+
+    def write_tiny(self, root: Path, *, seed: int) -> None:
+        """Write a tiny random-init Wan 2.1 T2V pipeline (UniPC flow scheduler, shift 3) to `root`."""
+        from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+        from transformers import UMT5Config, UMT5EncoderModel
+
+        tokenizer = tiny.t5_tokenizer(TEXT_TOKENS)
+        torch.manual_seed(seed)
+        WanPipeline(
+            tokenizer=tokenizer, text_encoder=UMT5EncoderModel(UMT5Config(**tiny.t5_config(tokenizer))),
+            vae=AutoencoderKLWan(base_dim=16, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1),
+            scheduler=UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0),
+            transformer=WanTransformer3DModel(num_attention_heads=2, attention_head_dim=12, text_dim=32, freq_dim=16,
+                                              ffn_dim=32, num_layers=2, rope_max_seq_len=32),
+        ).save_pretrained(root)
