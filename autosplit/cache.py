@@ -253,6 +253,10 @@ class CacheReader:
         return len(self.bucket_of)
 
     @property
+    def shard_size(self) -> int:
+        return int(self.manifest["shard_size"])
+
+    @property
     def bucket_keys(self) -> list[int]:
         return [int(b) for b in self.bucket_of]
 

@@ -57,6 +57,9 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-split", dest="no_split", action="store_true",
                         help="train unsplit: every unit runs every step, nothing is cached")
     parser.add_argument("--full_finetune", action="store_true", help="train all weights instead of a LoRA")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue stage 2 from the newest checkpoint in OUTPUT_PATH/checkpoints "
+                             "(see train.checkpoint_every)")
     parser.add_argument("--model_id_with_origin_paths", default=None,
                         help="seed-compatible model spec; resolved from the local Hugging Face cache only")
     for flag in _COMPAT_FLAGS:
@@ -72,6 +75,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         sets.append("train.split=false")
     if args.full_finetune:
         sets.append("lora.full_finetune=true")
+    if getattr(args, "resume", False):
+        sets.append("train.resume=true")
     if args.model_id_with_origin_paths and "model_paths" not in flags:
         from autosplit.models import resolve_hub_id
 
