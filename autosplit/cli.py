@@ -151,7 +151,40 @@ def _stage2_cache(config: RunConfig, plan: Any, session: Any) -> Path:
         if (session.model_root / name).is_dir() and fingerprint_component(session.model_root, name) != digest:
             raise CacheError(f"{cache} was made with other {name} weights than {session.model_root / name}; "
                              f"re-run stage 1 (--task sft:data_process)")
+    if key.get("max_pixels") != config.data.max_pixels:
+        raise CacheError(f"{cache} was made with --max_pixels {key.get('max_pixels')}, this run has "
+                         f"{config.data.max_pixels} (a preprocessing setting changed); re-run stage 1 or pass "
+                         f"--max_pixels {key.get('max_pixels')}")
+    check_sources(cache, reader, session)
     return cache
+
+
+def check_sources(cache: Path, reader: Any, session: Any) -> None:
+    """Raise CacheError if the dataset the cache was made from changed since (image bytes, captions,
+    training sizes, samples added or removed). Skipped, with a warning, if the dataset is gone."""
+    from autosplit.builtin import builtin_dataset_root
+    from autosplit.data import read_dataset, source_digest
+
+    info = reader.manifest.get("dataset", {})
+    base = Path(info["base_path"]) if info.get("base_path") else builtin_dataset_root()
+    if not base.is_dir():
+        log.warning("dataset %s of cache %s is not here; cannot check the cache against it", base, cache)
+        return
+    metadata = Path(info["metadata_path"]) if info.get("metadata_path") else None
+    samples = read_dataset(base, metadata, max_pixels=session.config.data.max_pixels,
+                           multiple=session.adapter.image_multiple)
+    fix = "re-run stage 1 (--task sft:data_process), or `autosplit run`, which updates only the changed samples"
+    if len(samples) != len(reader):
+        raise CacheError(f"{cache} holds {len(reader)} samples but dataset {base} now has {len(samples)}; {fix}")
+    index = {name: reader.group[f"index/{name}"][...] for name in ("image_sha256", "prompt_sha256", "size")}
+    for i, sample in enumerate(samples):
+        d = source_digest(sample)
+        for what, mine, theirs in (("image bytes", d.image, bytes(index["image_sha256"][i])),
+                                   ("caption", d.prompt, bytes(index["prompt_sha256"][i])),
+                                   ("training size", list(d.size), index["size"][i].tolist())):
+            if mine != theirs:
+                raise CacheError(f"{cache} is stale: the {what} of sample {i} ({sample.image_path}) changed since "
+                                 f"stage 1; {fix}")
 
 
 def add_plan_parser(subparsers: Any) -> None:

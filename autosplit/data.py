@@ -139,9 +139,26 @@ def load_image(path: Path, size: tuple[int, int]) -> torch.Tensor:
 
 def sample_fingerprint(sample: Sample) -> str:
     """sha256 of the image bytes, the prompt and the training size: what stage 1 depends on."""
-    h = hashlib.sha256(sample.image_path.read_bytes())
+    return source_digest(sample).source.hex()
+
+
+@dataclass(frozen=True)
+class SourceDigest:
+    """What one sample's stage-1 outputs are made from: sha256 of the image file's bytes, of the
+    prompt (UTF-8), the training size, and `source` = sha256(image bytes + [prompt, size] as JSON)."""
+
+    image: bytes
+    prompt: bytes
+    size: tuple[int, int]
+    source: bytes
+
+
+def source_digest(sample: Sample) -> SourceDigest:
+    data = sample.image_path.read_bytes()
+    h = hashlib.sha256(data)
     h.update(json.dumps([sample.prompt, list(sample.size)]).encode())
-    return h.hexdigest()
+    return SourceDigest(hashlib.sha256(data).digest(), hashlib.sha256(sample.prompt.encode()).digest(),
+                        tuple(sample.size), h.digest())
 
 
 _COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (230, 210, 40),

@@ -81,6 +81,11 @@ def source_hashes(samples: list[Sample]) -> list[bytes]:
     return [bytes.fromhex(sample_fingerprint(s)) for s in samples]
 
 
+#: key entries that depend on which samples the dataset holds; a cache differing only in these can
+#: be updated sample by sample instead of rebuilt
+DATASET_KEYS = ("dataset_sha256", "num_samples")
+
+
 def parse_task(task: str) -> tuple[str, str]:
     base, _, mode = task.partition(":")
     if mode not in MODES:
