@@ -181,6 +181,7 @@ def _write_shards(session: Session, plan: Plan, samples: list[Sample], writer: C
                   rank: int, world: int) -> None:
     shard_size, batch_size = writer.shard_size, session.config.cache.batch_size
     mine = [(b, k) for g, (b, k) in enumerate(writer.shards) if g % world == rank and not writer.shard_done(b.id, k)]
+    log.info("stage 1, process %d of %d: %d shards to write", rank, world, len(mine))
     if not mine:
         return
     produce = _producer(session, plan, samples, target.reuse, batch_size)
