@@ -219,8 +219,10 @@ def test_two_processes_write_the_same_cache_as_one(tmp_path, reference, tiny_dat
     launcher = Path(sys.executable).with_name("accelerate")
     cache = tmp_path / "c"
     env = {**os.environ, "TQDM_DISABLE": "1"}
+    # accelerate 1.x: `--cpu --num_processes 2` starts ONE process (its simple launcher); `--multi_gpu` starts
+    # two through torchrun, which on a host without CUDA run on CPU over gloo
     result = subprocess.run(
-        [str(launcher), "launch", "--cpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+        [str(launcher), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
          "--dynamo_backend", "no", "-m", "autosplit", "run", "--task", "sft:data_process", "--output_path",
          str(cache), "--dataset_base_path", str(tiny_dataset), "--set", "cache.shard_size=3"],
         capture_output=True, text=True, env=env, timeout=400)
