@@ -235,22 +235,28 @@ def format_plan(plan: Any) -> str:
 
 
 def add_inspect_parser(subparsers: Any) -> None:
-    parser = subparsers.add_parser("inspect", help="describe a cache", description="Print a cache's manifest.")
+    parser = subparsers.add_parser("inspect", help="describe (and verify) a cache",
+                                   description="Print a cache's schema, size, compression, completeness and "
+                                               "fingerprints as JSON.")
     parser.add_argument("cache", type=Path, help="cache folder")
+    parser.add_argument("--verify", action="store_true",
+                        help="read every chunk and check every checksum; exit 2 naming the array and sample of "
+                             "each failure")
     parser.set_defaults(command=inspect_command)
 
 
 def inspect_command(args: argparse.Namespace) -> int:
-    from autosplit.cache import _read_manifest
+    from autosplit.cache import describe_cache, verify_cache
 
-    manifest = _read_manifest(args.cache)
-    if manifest is None:
-        raise CacheError(f"{args.cache} is not an autosplit cache (no manifest in zarr.json)")
-    summary = {k: manifest[k] for k in ("format_version", "complete", "num_samples", "shard_size", "buckets",
-                                        "values")}
-    summary["shards_done"] = len(manifest["shards_done"])
-    summary["components"] = manifest["key"]["components"]
-    print(json.dumps(summary, indent=2))
+    print(json.dumps(describe_cache(args.cache), indent=2))
+    if not args.verify:
+        return 0
+    problems = verify_cache(args.cache)
+    for line in problems:
+        print(f"autosplit: error: {line}", file=sys.stderr)
+    if problems:
+        return 2
+    print("verify: every chunk read and every checksum matched")
     return 0
 
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from autosplit.cache import CacheReader
+from autosplit.cache import open_reader
 from autosplit.checkpoint import TrainState, checkpoint_root, latest_checkpoint, load_checkpoint, save_checkpoint
 from autosplit.data import Sample
 from autosplit.errors import CheckpointError, ConfigError
@@ -96,18 +96,21 @@ def make_trainable(session: Session, model: torch.nn.Module, component: str) -> 
 
 
 def _sample_reader(session: Session, plan: Plan, cache_path: Path | None, samples: list[Sample] | None):
-    """(read_sample, bucket keys, make_batch, per-step stage-1 runner or None, shard size)."""
+    """(read_sample, bucket keys, make_batch, per-step stage-1 runner or None, shard size, async submit or None)."""
     ragged = {v.name: v.ragged_axis for v in plan.cached if v.ragged_axis is not None}
     if plan.split:
-        reader = CacheReader(cache_path)
-        return reader.read, reader.bucket_keys, lambda items: collate(items, ragged), None, reader.shard_size
+        reader = open_reader(cache_path, kind=session.config.cache.reader)
+        submit = getattr(reader, "submit", None)
+        return (reader.read, reader.bucket_keys, lambda items: collate(items, ragged), None, reader.shard_size,
+                submit)
     units, ctx = stage1_context(session, plan)
     names = [v.name for v in plan.cached]
 
     def run_stage1_inline(items: list[Sample]) -> dict[str, Any]:
         return collate([compute_sample(units, s, ctx, names, to_cpu=False) for s in items], ragged)
 
-    return samples.__getitem__, [s.bucket for s in samples], list, run_stage1_inline, session.config.cache.shard_size
+    return (samples.__getitem__, [s.bucket for s in samples], list, run_stage1_inline, session.config.cache.shard_size,
+            None)
 
 
 def resume_settings(session: Session, loader: PrefetchLoader) -> dict[str, Any]:
@@ -133,7 +136,7 @@ def train(session: Session, plan: Plan, output: Path, *, cache_path: Path | None
     accelerator = Accelerator(cpu=session.device.type == "cpu", mixed_precision=cfg.mixed_precision,
                               gradient_accumulation_steps=cfg.gradient_accumulation_steps)
     device = accelerator.device
-    read, buckets, make_batch, inline, shard_size = _sample_reader(session, plan, cache_path, samples)
+    read, buckets, make_batch, inline, shard_size, submit = _sample_reader(session, plan, cache_path, samples)
     names = plan.components(2)
     check_components_present(session, names)
     components = load_components(session.adapter, session.model_root, names, device=device, dtype=session.dtype)
@@ -145,7 +148,8 @@ def train(session: Session, plan: Plan, output: Path, *, cache_path: Path | None
                             repeat=session.config.data.repeat, num_workers=session.config.data.num_workers,
                             prefetch=session.config.data.prefetch, shard_size=shard_size,
                             window=session.config.data.shuffle_window,
-                            rank=accelerator.process_index, world_size=accelerator.num_processes)
+                            rank=accelerator.process_index, world_size=accelerator.num_processes,
+                            pin_memory=device.type == "cuda", submit_batch=submit)
     units = [session.graph[name] for name in plan.stage_units(2)]
     output.mkdir(parents=True, exist_ok=True)
     (output / "plan.json").write_text(plan.to_json())
