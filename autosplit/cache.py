@@ -6,7 +6,8 @@ Layout::
     CACHE/plan.json                      the plan that made it (a readable copy)
     CACHE/index/bucket   int32[N]        sample -> shape bucket
     CACHE/index/row      int64[N]        sample -> row inside its bucket
-    CACHE/index/source_sha256 uint8[N,32] what each sample was made from
+    CACHE/index/source_sha256 uint8[N,32] what each sample was made from (+ image_sha256, prompt_sha256, size)
+    CACHE/index/shard_done uint8[S]      1 once a shard is fully written (one chunk file per shard)
     CACHE/buckets/<k>/<value>            [n_k, *shape]          fixed-shape values
     CACHE/buckets/<k>/<value>            [n_k, max_len, *rest]  ragged values (text tokens) ...
     CACHE/buckets/<k>/<value>.length     int64[n_k]             ... and their lengths
@@ -14,8 +15,9 @@ Layout::
 Every array is sharded (one shard holds `shard_size` samples of a bucket), one sample per inner
 chunk (ragged values: 64 tokens per inner chunk, empty chunks not stored), compressed with zstd
 and checksummed with crc32c. bfloat16 is stored as uint16 with the logical dtype in the array's
-attributes: bit-exact and zero-copy. Writers own whole shards; the manifest lists the shards that
-are complete, and `complete` becomes true only after the last one. No pickle anywhere.
+attributes: bit-exact and zero-copy. Writers own whole shards and record each in `index/shard_done`
+after its data; the main process sets the manifest's `complete` only after the last one. No pickle
+anywhere.
 """
 
 from __future__ import annotations
