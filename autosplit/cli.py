@@ -63,6 +63,9 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-split", dest="no_split", action="store_true",
                         help="train unsplit: every unit runs every step, nothing is cached")
     parser.add_argument("--full_finetune", action="store_true", help="train all weights instead of a LoRA")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue stage 2 from the newest checkpoint in OUTPUT_PATH/checkpoints "
+                             "(see train.checkpoint_every)")
     parser.add_argument("--model_id_with_origin_paths", default=None,
                         help="seed-compatible model spec; resolved from the local Hugging Face cache only")
     for flag in _COMPAT_FLAGS:
@@ -78,6 +81,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         sets.append("train.split=false")
     if args.full_finetune:
         sets.append("lora.full_finetune=true")
+    if getattr(args, "resume", False):
+        sets.append("train.resume=true")
     if args.model_id_with_origin_paths and "model_paths" not in flags:
         from autosplit.models import resolve_hub_id
 
@@ -152,7 +157,38 @@ def _stage2_cache(config: RunConfig, session: Any) -> tuple[Path, Any]:
         if (session.model_root / name).is_dir() and fingerprint_component(session.model_root, name) != digest:
             raise CacheError(f"{cache} was made with other {name} weights than {session.model_root / name}; "
                              f"re-run stage 1 (--task sft:data_process)")
+    if key.get("max_pixels") != config.data.max_pixels:
+        raise CacheError(f"{cache} was made with --max_pixels {key.get('max_pixels')}, this run has "
+                         f"{config.data.max_pixels} (a preprocessing setting changed); re-run stage 1 or pass "
+                         f"--max_pixels {key.get('max_pixels')}")
+    check_sources(cache, reader, session)
     return cache, dataclasses.replace(plan, settings=config.to_dict(), split=True)
+
+
+def check_sources(cache: Path, reader: Any, session: Any) -> None:
+    """Raise CacheError if the dataset the cache was made from changed since (image bytes, captions,
+    training sizes, samples added or removed). Skipped, with a warning, if the dataset is gone."""
+    from autosplit.data import source_digest
+
+    info = reader.manifest.get("dataset", {})
+    base = Path(info.get("base_path") or "")
+    if not info.get("base_path") or not base.is_dir():
+        log.warning("dataset %s of cache %s is not here; cannot check the cache against it", base, cache)
+        return
+    metadata = Path(info["metadata_path"]) if info.get("metadata_path") else None
+    samples = session.samples(base, metadata)
+    fix = "re-run stage 1 (--task sft:data_process), or `autosplit run`, which updates only the changed samples"
+    if len(samples) != len(reader):
+        raise CacheError(f"{cache} holds {len(reader)} samples but dataset {base} now has {len(samples)}; {fix}")
+    index = {name: reader.group[f"index/{name}"][...] for name in ("image_sha256", "prompt_sha256", "size")}
+    for i, sample in enumerate(samples):
+        d = source_digest(sample)
+        for what, mine, theirs in (("image bytes", d.image, bytes(index["image_sha256"][i])),
+                                   ("caption", d.prompt, bytes(index["prompt_sha256"][i])),
+                                   ("training size", list(d.size), index["size"][i].tolist())):
+            if mine != theirs:
+                raise CacheError(f"{cache} is stale: the {what} of sample {i} ({sample.image_path}) changed since "
+                                 f"stage 1; {fix}")
 
 
 def _add_profile_flags(parser: argparse.ArgumentParser) -> None:
@@ -258,22 +294,28 @@ def plan_command(args: argparse.Namespace) -> int:
 
 
 def add_inspect_parser(subparsers: Any) -> None:
-    parser = subparsers.add_parser("inspect", help="describe a cache", description="Print a cache's manifest.")
+    parser = subparsers.add_parser("inspect", help="describe (and verify) a cache",
+                                   description="Print a cache's schema, size, compression, completeness and "
+                                               "fingerprints as JSON.")
     parser.add_argument("cache", type=Path, help="cache folder")
+    parser.add_argument("--verify", action="store_true",
+                        help="read every chunk and check every checksum; exit 2 naming the array and sample of "
+                             "each failure")
     parser.set_defaults(command=inspect_command)
 
 
 def inspect_command(args: argparse.Namespace) -> int:
-    from autosplit.cache import _read_manifest
+    from autosplit.cache import describe_cache, verify_cache
 
-    manifest = _read_manifest(args.cache)
-    if manifest is None:
-        raise CacheError(f"{args.cache} is not an autosplit cache (no manifest in zarr.json)")
-    summary = {k: manifest[k] for k in ("format_version", "complete", "num_samples", "shard_size", "buckets",
-                                        "values")}
-    summary["shards_done"] = len(manifest["shards_done"])
-    summary["components"] = manifest["key"]["components"]
-    print(json.dumps(summary, indent=2))
+    print(json.dumps(describe_cache(args.cache), indent=2))
+    if not args.verify:
+        return 0
+    problems = verify_cache(args.cache)
+    for line in problems:
+        print(f"autosplit: error: {line}", file=sys.stderr)
+    if problems:
+        return 2
+    print("verify: every chunk read and every checksum matched")
     return 0
 
 

@@ -45,6 +45,8 @@ class DataConfig:
     #: image latents from the VAE posterior: "mode" (deterministic), "sample" (fresh every step:
     #: the distribution is cached, sampling runs in stage 2), "frozen_sample" (one cached draw per image)
     vae_latents: str = "mode"
+    #: shards whose samples are shuffled together (epoch order: shard permutation, then windows)
+    shuffle_window: int = 4
 
 
 @dataclass
@@ -63,6 +65,12 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     #: accelerate's mixed precision: "no", "bf16", "fp16"
     mixed_precision: str = "no"
+    #: save a checkpoint (OUTPUT/checkpoints/step-N) every this many optimizer steps (0: never)
+    checkpoint_every: int = 0
+    #: checkpoints kept on disk (the newest ones)
+    checkpoints_kept: int = 2
+    #: continue from the newest checkpoint in OUTPUT/checkpoints
+    resume: bool = False
 
 
 @dataclass
@@ -85,6 +93,10 @@ class CacheConfig:
     #: samples per shard file; a shard is the unit of resumption and of parallel writing
     shard_size: int = 64
     zstd_level: int = 1
+    #: samples of one shape bucket encoded together in stage 1 (1 is bit-exact to unsplit training)
+    batch_size: int = 1
+    #: hot read path of stage 2: "tensorstore" (fast, async) or "zarr" (zarr-python, the reference)
+    reader: str = "tensorstore"
 
 
 @dataclass
@@ -218,12 +230,15 @@ def validate(config: RunConfig) -> list[str]:
         ("data.prefetch", config.data.prefetch >= 1, "must be at least 1"),
         ("data.vae_latents", config.data.vae_latents in ("mode", "sample", "frozen_sample"),
          "must be mode, sample or frozen_sample"),
+        ("data.shuffle_window", config.data.shuffle_window >= 1, "must be at least 1"),
         ("train.learning_rate", config.train.learning_rate > 0, "must be positive"),
         ("train.num_epochs", config.train.num_epochs >= 1, "must be at least 1"),
         ("train.batch_size", config.train.batch_size >= 1, "must be at least 1"),
         ("train.gradient_accumulation_steps", config.train.gradient_accumulation_steps >= 1, "must be at least 1"),
         ("train.max_steps", config.train.max_steps >= 0, "must be 0 (no limit) or positive"),
         ("train.seed", config.train.seed >= 0, "must be 0 or positive"),
+        ("train.checkpoint_every", config.train.checkpoint_every >= 0, "must be 0 (never) or positive"),
+        ("train.checkpoints_kept", config.train.checkpoints_kept >= 1, "must be at least 1"),
         ("train.mixed_precision", config.train.mixed_precision in ("no", "bf16", "fp16"), "must be no, bf16 or fp16"),
         ("lora.rank", config.lora.rank >= 1, "must be at least 1"),
         ("cache.shard_size", config.cache.shard_size >= 1, "must be at least 1"),
@@ -231,6 +246,8 @@ def validate(config: RunConfig) -> list[str]:
         ("plan.profile", config.plan.profile in ("fake", "real", "none"), "must be fake, real or none"),
         ("plan.solver", config.plan.solver in ("auto", "enumerate", "mincut"), "must be auto, enumerate or mincut"),
         ("plan.vram_budget_gib", config.plan.vram_budget_gib >= 0, "must be 0 (no budget) or positive"),
+        ("cache.batch_size", config.cache.batch_size >= 1, "must be at least 1"),
+        ("cache.reader", config.cache.reader in ("tensorstore", "zarr"), "must be tensorstore or zarr"),
         ("model.dtype", config.model.dtype in ("auto", "float32", "bfloat16", "float16"),
          "must be auto, float32, bfloat16 or float16"),
     ]

@@ -197,12 +197,29 @@ def _to_tensor(im: Any, size: tuple[int, int]) -> torch.Tensor:
 def sample_fingerprint(sample: Sample) -> str:
     """sha256 of the image (or clip's frame) bytes, the prompt, the training size and any other
     columns and frame count: what stage 1 depends on."""
+    return source_digest(sample).source.hex()
+
+
+@dataclass(frozen=True)
+class SourceDigest:
+    """What one sample's stage-1 outputs are made from: sha256 of the image file's (or the clip's
+    frames') bytes, of the prompt (UTF-8), the training size, and `source` = sha256(those bytes +
+    [prompt, size, other columns, frame count] as JSON)."""
+
+    image: bytes
+    prompt: bytes
+    size: tuple[int, int]
+    source: bytes
+
+
+def source_digest(sample: Sample) -> SourceDigest:
     path = sample.image_path
-    files = _frame_files(path) if path.is_dir() else [path]
-    h = hashlib.sha256(b"".join(f.read_bytes() for f in files))
+    data = b"".join(f.read_bytes() for f in (_frame_files(path) if path.is_dir() else [path]))
     extra = [sample.extras, sample.num_frames] if sample.extras or sample.num_frames else []
+    h = hashlib.sha256(data)
     h.update(json.dumps([sample.prompt, list(sample.size), *extra], default=str).encode())
-    return h.hexdigest()
+    return SourceDigest(hashlib.sha256(data).digest(), hashlib.sha256(sample.prompt.encode()).digest(),
+                        tuple(sample.size), h.digest())
 
 
 _COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (230, 210, 40),

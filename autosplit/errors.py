@@ -32,3 +32,7 @@ class PlanError(AutosplitError):
 
 class CacheError(AutosplitError):
     """A cache is missing, incomplete, corrupt or stale."""
+
+
+class CheckpointError(AutosplitError):
+    """A stage-2 checkpoint cannot be resumed (other settings, other weights)."""

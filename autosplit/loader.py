@@ -1,7 +1,8 @@
 """Batch order and the prefetching loader.
 
-The order of an epoch is a pure function of (seed, epoch): a seeded permutation of the samples
-(`repeat` times over), then batches formed inside shape buckets. Split and unsplit runs use the
+The order of an epoch is a pure function of (seed, epoch): a seeded permutation of the shards
+(groups of `shard_size` samples of one shape bucket, as the cache stores them), samples shuffled
+inside windows of a few shards, `repeat` times over, then batches formed inside shape buckets. Split and unsplit runs use the
 same order, which is what lets them learn the same weights. The loader reads and collates
 batches in background threads into a bounded queue, ahead of the trainer; its state is
 (epoch, batches consumed), so a resumed run continues the same sequence.
@@ -9,6 +10,7 @@ batches in background threads into a bounded queue, ahead of the trainer; its st
 
 from __future__ import annotations
 
+import collections
 import queue
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -18,23 +20,63 @@ import numpy as np
 import torch
 
 
-def epoch_batches(bucket_of: Sequence[Hashable], *, batch_size: int, seed: int, epoch: int,
-                  repeat: int = 1) -> list[list[int]]:
-    """The batches (lists of sample indices) of one epoch; each batch holds one shape bucket."""
-    n = len(bucket_of)
-    rng = np.random.default_rng(np.random.SeedSequence([seed, epoch]))
-    order = np.concatenate([rng.permutation(n) for _ in range(repeat)]) if n else np.zeros(0, np.int64)
+def shard_groups(bucket_of: Sequence[Hashable], shard_size: int) -> list[list[int]]:
+    """The samples of each shard, as the cache lays them out: buckets in first-seen order, samples
+    in index order, `shard_size` per shard. Unsplit runs (no cache) use the same grouping."""
+    groups: dict[Hashable, list[int]] = {}
+    for i, key in enumerate(bucket_of):
+        groups.setdefault(key, []).append(i)
+    return [idx[lo:lo + shard_size] for idx in groups.values() for lo in range(0, len(idx), shard_size)]
+
+
+def epoch_order(shards: list[list[int]], *, seed: int, epoch: int, repeat: int = 1, window: int = 4,
+                rank: int = 0, world_size: int = 1) -> list[int]:
+    """The sample order of one epoch on one rank: for each repeat, a seeded permutation of the shards
+    (the same on every rank), rank r taking every world_size-th shard, then samples shuffled inside
+    windows of `window` consecutive shards. Reads stay within a few shards at a time."""
+    order: list[int] = []
+    for r in range(repeat):
+        perm = np.random.default_rng(np.random.SeedSequence([seed, epoch, r])).permutation(len(shards))
+        mine = perm[rank::world_size]
+        shuffle = np.random.default_rng(np.random.SeedSequence([seed, epoch, r, rank + 1]))
+        for lo in range(0, len(mine), window):
+            samples = [i for s in mine[lo:lo + window] for i in shards[s]]
+            order += [samples[j] for j in shuffle.permutation(len(samples))]
+    return order
+
+
+def _batches_of(order: list[int], bucket_of: Sequence[Hashable], batch_size: int) -> list[list[int]]:
     open_batches: dict[Hashable, list[int]] = {}
-    batches: list[tuple[int, list[int]]] = []  # (position of first sample, batch)
-    for pos, i in enumerate(order.tolist()):
+    batches: list[list[int]] = []  # in order of their first sample
+    for i in order:
         key = bucket_of[i]
         batch = open_batches.setdefault(key, [])
         if not batch:
-            batches.append((pos, batch))
+            batches.append(batch)
         batch.append(i)
         if len(batch) == batch_size:
             del open_batches[key]
-    return [b for _, b in sorted(batches, key=lambda item: item[0])]
+    return batches
+
+
+def epoch_batches(bucket_of: Sequence[Hashable], *, batch_size: int, seed: int, epoch: int, repeat: int = 1,
+                  shard_size: int = 64, window: int = 4, rank: int = 0, world_size: int = 1) -> list[list[int]]:
+    """The batches (lists of sample indices) of one epoch on `rank`; each batch holds one shape bucket.
+
+    A pure function of its arguments. Every rank gets the same number of batches: ranks with more
+    drop their last ones (a different few each epoch, as the shard permutation changes).
+    """
+    shards = shard_groups(bucket_of, shard_size)
+
+    def of_rank(r: int) -> list[list[int]]:
+        order = epoch_order(shards, seed=seed, epoch=epoch, repeat=repeat, window=window, rank=r,
+                            world_size=world_size)
+        return _batches_of(order, bucket_of, batch_size)
+
+    mine = of_rank(rank)
+    if world_size > 1:
+        mine = mine[:min(len(of_rank(r)) for r in range(world_size))]
+    return mine
 
 
 def collate(samples: list[Mapping[str, Any]], ragged: Mapping[str, int]) -> dict[str, Any]:
@@ -76,23 +118,32 @@ def to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
 
 
 class PrefetchLoader:
-    """Reads batches ahead of the trainer with `num_workers` threads into a bounded queue.
+    """Reads batches ahead of the trainer into a bounded queue.
 
-    `read_sample(i)` returns one sample's values; `make_batch(samples)` collates them. Errors in
-    a worker are re-raised in the trainer's thread at the batch where they happened.
+    `read_sample(i)` returns one sample's values; `make_batch(samples)` collates them. Reads run on
+    `num_workers` threads with `prefetch` batches submitted ahead; a reader with its own async reads
+    (tensorstore) passes `submit_batch(indices)`, returning an object whose `result()` is the list of
+    samples, and keeps its reads in flight itself. With `pin_memory`, batches are pinned in the
+    background so the copy to the GPU can be `non_blocking`. Errors in a worker are re-raised in
+    the trainer's thread at the batch where they happened.
     """
 
     def __init__(self, read_sample: Callable[[int], Mapping[str, Any]], bucket_of: Sequence[Hashable], *,
                  make_batch: Callable[[list[Mapping[str, Any]]], Any], batch_size: int, seed: int,
-                 repeat: int = 1, num_workers: int = 2, prefetch: int = 4):
+                 repeat: int = 1, num_workers: int = 2, prefetch: int = 4, shard_size: int = 64, window: int = 4,
+                 rank: int = 0, world_size: int = 1, pin_memory: bool = False,
+                 submit_batch: Callable[[list[int]], Any] | None = None):
         self.read_sample, self.bucket_of, self.make_batch = read_sample, list(bucket_of), make_batch
         self.batch_size, self.seed, self.repeat = batch_size, seed, repeat
-        self.num_workers, self.prefetch = num_workers, prefetch
+        self.num_workers, self.prefetch, self.pin_memory = num_workers, prefetch, pin_memory
+        self.shard_size, self.window, self.rank, self.world_size = shard_size, window, rank, world_size
+        self.submit_batch = submit_batch
         self.epoch, self.position = 0, 0
 
     def batches(self, epoch: int) -> list[list[int]]:
         return epoch_batches(self.bucket_of, batch_size=self.batch_size, seed=self.seed, epoch=epoch,
-                             repeat=self.repeat)
+                             repeat=self.repeat, shard_size=self.shard_size, window=self.window, rank=self.rank,
+                             world_size=self.world_size)
 
     def __len__(self) -> int:
         return len(self.batches(self.epoch))
@@ -109,6 +160,43 @@ class PrefetchLoader:
                 raise ValueError(f"loader state was saved with {key} {state[key]}, this loader uses {mine[key]}")
         self.epoch, self.position = state["epoch"], state["position"]
 
+    def _load(self, pending: Any) -> Any:
+        batch = self.make_batch(list(pending.result()))
+        if self.pin_memory and isinstance(batch, dict):
+            batch = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        return batch
+
+    def _produce(self, todo: list[list[int]], ready: queue.Queue, stop: threading.Event) -> None:
+        with ThreadPoolExecutor(self.num_workers, thread_name_prefix="autosplit-read") as pool:
+            def submit(indices: list[int]) -> Any:
+                if self.submit_batch is not None:
+                    return self.submit_batch(indices)
+                return _Gather([pool.submit(self.read_sample, i) for i in indices])
+
+            pending: collections.deque = collections.deque()
+            upcoming = iter(todo)
+            while not stop.is_set():
+                for indices in upcoming:  # keep `prefetch` batches in flight
+                    pending.append(submit(indices))
+                    if len(pending) >= self.prefetch:
+                        break
+                if not pending:
+                    return
+                try:
+                    item = ("ok", self._load(pending.popleft()))
+                except BaseException as exc:  # handed to the consumer, which re-raises it
+                    item = ("error", exc)
+                while not stop.is_set():
+                    try:
+                        ready.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if item[0] == "error":
+                    stop.set()
+            for p in pending:
+                getattr(p, "cancel", lambda: None)()
+
     def iter_epoch(self, epoch: int) -> Iterator[Any]:
         """Yield the batches of `epoch`, starting at the saved position if resuming that epoch."""
         if epoch != self.epoch:
@@ -116,26 +204,8 @@ class PrefetchLoader:
         todo = self.batches(epoch)[self.position:]
         ready: queue.Queue = queue.Queue(maxsize=self.prefetch)
         stop = threading.Event()
-
-        def produce() -> None:
-            with ThreadPoolExecutor(self.num_workers, thread_name_prefix="autosplit-read") as pool:
-                for indices in todo:
-                    if stop.is_set():
-                        return
-                    try:
-                        item = ("ok", self.make_batch(list(pool.map(self.read_sample, indices))))
-                    except BaseException as exc:  # handed to the consumer, which re-raises it
-                        item = ("error", exc)
-                    while not stop.is_set():
-                        try:
-                            ready.put(item, timeout=0.1)
-                            break
-                        except queue.Full:
-                            continue
-                    if item[0] == "error":
-                        return
-
-        thread = threading.Thread(target=produce, name="autosplit-prefetch", daemon=True)
+        thread = threading.Thread(target=self._produce, args=(todo, ready, stop), name="autosplit-prefetch",
+                                  daemon=True)
         thread.start()
         try:
             for _ in todo:
@@ -147,3 +217,17 @@ class PrefetchLoader:
         finally:
             stop.set()
             thread.join()
+
+
+class _Gather:
+    """The results of per-sample futures, in order."""
+
+    def __init__(self, futures: list[Any]):
+        self.futures = futures
+
+    def result(self) -> list[Any]:
+        return [f.result() for f in self.futures]
+
+    def cancel(self) -> None:
+        for f in self.futures:
+            f.cancel()

@@ -61,9 +61,20 @@ def fingerprint_component(root: Path, name: str) -> str:
     return h.hexdigest()
 
 
+def quiet_library_progress() -> None:
+    """Our progress bars are the ones that matter; diffusers' and transformers' per-file loading
+    bars would interleave with them (and clutter logs and one-line errors)."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+
+
 def load_components(adapter: Adapter, root: Path, names: list[str], *, device: torch.device,
                     dtype: torch.dtype) -> dict[str, Any]:
     """Load the named components, frozen (requires_grad off) and in eval mode."""
+    quiet_library_progress()
     components = {}
     for name in names:
         try:

@@ -56,18 +56,22 @@ class Session:
                          settings=self.config.to_dict(), profile=profile,
                          batch_size=self.config.train.batch_size, solver=self.config.plan.solver)
 
-    def samples(self) -> list[Sample]:
+    def dataset_folder(self) -> Path:
+        """The dataset folder: the configured one, or this family's and task's built-in one."""
+        if self.config.data.base_path:
+            return Path(self.config.data.base_path)
+        if self.task == "direct_distill":
+            return builtin_distill_root(self.adapter, self.model_root)
+        return builtin_dataset_root(self.adapter.media)
+
+    def samples(self, base: Path | None = None, metadata: Path | None = None) -> list[Sample]:
+        """The dataset's samples (of `base`/`metadata` if given, else of the configured dataset)."""
         data = self.config.data
-        media = self.adapter.media
-        if data.base_path:
-            base = Path(data.base_path)
-        elif self.task == "direct_distill":
-            base = builtin_distill_root(self.adapter, self.model_root)
-        else:
-            base = builtin_dataset_root(media)
-        metadata = Path(data.metadata_path) if data.metadata_path else None
+        if base is None:
+            base = self.dataset_folder()
+            metadata = Path(data.metadata_path) if data.metadata_path else None
         return read_dataset(base, metadata, max_pixels=data.max_pixels, multiple=self.adapter.image_multiple,
-                            media=media, columns=TASK_COLUMNS[self.task], max_frames=data.max_frames)
+                            media=self.adapter.media, columns=TASK_COLUMNS[self.task], max_frames=data.max_frames)
 
     def stage1_key(self, plan: Plan, samples: list[Sample], sample_sha: list[bytes]) -> dict[str, Any]:
         """Everything stage-1 outputs depend on; a cache made under another key is stale."""
@@ -90,6 +94,11 @@ class Session:
 
 def source_hashes(samples: list[Sample]) -> list[bytes]:
     return [bytes.fromhex(sample_fingerprint(s)) for s in samples]
+
+
+#: key entries that depend on which samples the dataset holds; a cache differing only in these can
+#: be updated sample by sample instead of rebuilt
+DATASET_KEYS = ("dataset_sha256", "num_samples")
 
 
 def parse_task(task: str) -> tuple[str, str]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,9 +19,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from autosplit.cache import CacheReader
+from autosplit.cache import open_reader
+from autosplit.checkpoint import TrainState, checkpoint_root, latest_checkpoint, load_checkpoint, save_checkpoint
 from autosplit.data import Sample
-from autosplit.errors import ConfigError
+from autosplit.errors import CheckpointError, ConfigError
 from autosplit.graph import UnitContext, run_units
 from autosplit.loader import PrefetchLoader, collate, to_device
 from autosplit.models import load_components
@@ -96,30 +98,47 @@ def make_trainable(session: Session, model: torch.nn.Module, component: str) -> 
 
 
 def _sample_reader(session: Session, plan: Plan, cache_path: Path | None, samples: list[Sample] | None):
-    """(read_sample, bucket keys, make_batch, per-step stage-1 runner or None)."""
+    """(read_sample, bucket keys, make_batch, per-step stage-1 runner or None, shard size, async submit or None)."""
     ragged = {v.name: v.ragged_axis for v in plan.cached if v.ragged_axis is not None}
     if plan.split:
-        reader = CacheReader(cache_path)
-        return reader.read, reader.bucket_keys, lambda items: collate(items, ragged), None
+        reader = open_reader(cache_path, kind=session.config.cache.reader)
+        submit = getattr(reader, "submit", None)
+        return (reader.read, reader.bucket_keys, lambda items: collate(items, ragged), None, reader.shard_size,
+                submit)
     units, ctx = stage1_context(session, plan)
     names = [v.name for v in plan.cached]
 
     def run_stage1_inline(items: list[Sample]) -> dict[str, Any]:
         return collate([compute_sample(units, s, ctx, names, to_cpu=False) for s in items], ragged)
 
-    return samples.__getitem__, [s.bucket for s in samples], list, run_stage1_inline
+    return (samples.__getitem__, [s.bucket for s in samples], list, run_stage1_inline, session.config.cache.shard_size,
+            None)
+
+
+def resume_settings(session: Session, loader: PrefetchLoader) -> dict[str, Any]:
+    """The settings a checkpoint must share with the run that resumes it (epochs and max_steps may grow)."""
+    cfg = session.config
+    train_keys = ("learning_rate", "batch_size", "gradient_accumulation_steps", "seed", "mixed_precision")
+    return {**{f"train.{k}": getattr(cfg.train, k) for k in train_keys},
+            **{f"lora.{k}": v for k, v in vars(cfg.lora).items()},
+            "data.repeat": cfg.data.repeat, "data.shuffle_window": cfg.data.shuffle_window,
+            "shard_size": loader.shard_size, "world_size": loader.world_size, "model.dtype": str(session.dtype)}
 
 
 def train(session: Session, plan: Plan, output: Path, *, cache_path: Path | None = None,
           samples: list[Sample] | None = None) -> TrainResult:
-    """Run stage 2 (or the unsplit loop) and write `output/lora.safetensors` (or the full weights)."""
+    """Run stage 2 (or the unsplit loop) and write `output/lora.safetensors` (or the full weights).
+
+    With `train.checkpoint_every`, checkpoints go to `output/checkpoints/step-N/`; with
+    `train.resume`, the run continues from the newest one exactly as if it had never stopped.
+    """
     from accelerate import Accelerator
 
     cfg = session.config.train
     accelerator = Accelerator(cpu=session.device.type == "cpu", mixed_precision=cfg.mixed_precision,
                               gradient_accumulation_steps=cfg.gradient_accumulation_steps)
     device = accelerator.device
-    read, buckets, make_batch, inline = _sample_reader(session, plan, cache_path, samples)
+    read, buckets, make_batch, inline, shard_size, submit = _sample_reader(session, plan, cache_path, samples)
     names = plan.components(2)
     check_components_present(session, names)
     components = load_components(session.adapter, session.model_root, names, device=device, dtype=session.dtype)
@@ -129,7 +148,10 @@ def train(session: Session, plan: Plan, output: Path, *, cache_path: Path | None
     components[trainable], optimizer = accelerator.prepare(components[trainable], optimizer)
     loader = PrefetchLoader(read, buckets, make_batch=make_batch, batch_size=cfg.batch_size, seed=cfg.seed,
                             repeat=session.config.data.repeat, num_workers=session.config.data.num_workers,
-                            prefetch=session.config.data.prefetch)
+                            prefetch=session.config.data.prefetch, shard_size=shard_size,
+                            window=session.config.data.shuffle_window,
+                            rank=accelerator.process_index, world_size=accelerator.num_processes,
+                            pin_memory=device.type == "cuda", submit_batch=submit)
     units = [session.graph[name] for name in plan.stage_units(2)]
     output.mkdir(parents=True, exist_ok=True)
     (output / "plan.json").write_text(plan.to_json())
@@ -137,10 +159,21 @@ def train(session: Session, plan: Plan, output: Path, *, cache_path: Path | None
     total = cfg.num_epochs * steps_per_epoch
     if cfg.max_steps:
         total = min(total, cfg.max_steps)
-    losses, micro, start = [], 0, time.perf_counter()
-    log_file = (output / "train_log.jsonl").open("w")
-    with tqdm(total=total, desc="stage 2: training", unit="step") as bar:
-        for epoch in range(cfg.num_epochs):
+    state = _maybe_resume(session, accelerator, components[trainable], optimizer, loader, output)
+    log, micro, start = list(state.log), state.micro_step, time.perf_counter()
+    accelerator.step = micro  # gradient accumulation continues its cycle
+    model = accelerator.unwrap_model(components[trainable])
+
+    def checkpoint() -> None:
+        if cfg.checkpoint_every and accelerator.is_main_process:
+            state = TrainState(len(log), micro, loader.epoch, loader.state_dict(), log, resume_settings(session, loader))
+            save_checkpoint(output, model=model, optimizer=optimizer, keep=cfg.checkpoints_kept, state=state)
+
+    log_file = _open_log(output, log, write=accelerator.is_main_process)
+    with tqdm(total=total, initial=len(log), desc="stage 2: training", unit="step", disable=None) as bar:
+        for epoch in range(state.epoch, cfg.num_epochs):
+            if len(log) >= total:
+                break
             for batch in loader.iter_epoch(epoch):
                 if inline is not None:
                     batch = inline(batch)
@@ -154,17 +187,48 @@ def train(session: Session, plan: Plan, output: Path, *, cache_path: Path | None
                     optimizer.zero_grad()
                 micro += 1
                 if accelerator.sync_gradients:
-                    losses.append(loss.item())
-                    log_file.write(json.dumps({"step": len(losses), "epoch": epoch, "loss": losses[-1]}) + "\n")
+                    log.append({"step": len(log) + 1, "epoch": epoch, "loss": loss.item()})
+                    log_file.write(json.dumps(log[-1]) + "\n")
+                    log_file.flush()
                     bar.update(1)
-                    bar.set_postfix(loss=f"{losses[-1]:.4f}")
-                    if len(losses) >= total:
+                    bar.set_postfix(loss=f"{log[-1]['loss']:.4f}")
+                    if cfg.checkpoint_every and len(log) % cfg.checkpoint_every == 0 and len(log) < total:
+                        checkpoint()
+                    if len(log) >= total:
                         break
-            if len(losses) >= total:
-                break
     log_file.close()
+    checkpoint()
     _save(session, accelerator, components[trainable], output)
-    return TrainResult(len(losses), losses, output, time.perf_counter() - start)
+    return TrainResult(len(log), [entry["loss"] for entry in log], output, time.perf_counter() - start)
+
+
+def _maybe_resume(session: Session, accelerator: Any, model: torch.nn.Module, optimizer: Any,
+                  loader: PrefetchLoader, output: Path) -> TrainState:
+    fresh = TrainState(0, 0, 0, loader.state_dict(), [], resume_settings(session, loader))
+    if not session.config.train.resume:
+        return fresh
+    path = latest_checkpoint(output)
+    if path is None:
+        log.warning("--resume: no checkpoint in %s; starting from step 0", checkpoint_root(output))
+        return fresh
+    state = load_checkpoint(path, model=accelerator.unwrap_model(model), optimizer=optimizer,
+                            settings=resume_settings(session, loader))
+    try:
+        loader.load_state_dict(state.loader)
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: {exc}; resume with the same data settings") from exc
+    log.info("resuming from %s (step %d)", path, state.step)
+    return state
+
+
+def _open_log(output: Path, entries: list[dict[str, Any]], *, write: bool) -> Any:
+    """train_log.jsonl holding exactly `entries` (a resumed run drops lines past its checkpoint)."""
+    if not write:
+        return open(os.devnull, "w")
+    f = (output / "train_log.jsonl").open("w")
+    for entry in entries:
+        f.write(json.dumps(entry) + "\n")
+    return f
 
 
 def _save(session: Session, accelerator: Any, model: torch.nn.Module, output: Path) -> None:

@@ -92,7 +92,7 @@ def test_layout_is_plain_sharded_zarr(tmp_path):
 def test_incomplete_cache_is_refused_and_resumes(tmp_path):
     writer = write(tmp_path / "c", upto=2)
     assert cache_status(tmp_path / "c") == "incomplete"
-    assert writer.manifest["shards_done"] == [[0, 0], [0, 1]]
+    assert writer.done_shards() == [[0, 0], [0, 1]]
     with pytest.raises(CacheError, match="cache is incomplete .2 shards written.; re-run stage 1"):
         CacheReader(tmp_path / "c")
     write(tmp_path / "c")  # same key: keeps the written shards, writes the rest

@@ -12,7 +12,7 @@ from autosplit.config import SEED_FLAGS, all_keys
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 
 RUN_FLAGS = {
-    "--config", "--set", "--use_gradient_checkpointing", "--no-split", "--full_finetune",
+    "--config", "--set", "--use_gradient_checkpointing", "--no-split", "--full_finetune", "--resume",
     "--model_id_with_origin_paths", "--remove_prefix_in_ckpt", "--find_unused_parameters", "-h", "--help",
     *(f"--{flag}" for flag in SEED_FLAGS),
 }

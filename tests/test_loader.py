@@ -12,7 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from autosplit.loader import PrefetchLoader, collate, epoch_batches
+from autosplit.loader import PrefetchLoader, collate, epoch_batches, epoch_order, shard_groups
 
 # 23 samples in three shape buckets, unevenly filled
 BUCKETS = [(64, 64) if i % 3 else (96, 64) for i in range(20)] + [(32, 32)] * 3
@@ -34,8 +34,11 @@ def test_epoch_batches_is_a_pure_function_of_seed_and_epoch():
 
 def test_epoch_batches_golden_order():
     # frozen: a change here silently changes every run's data order and breaks resuming old runs
-    assert epoch_batches([0] * 8, batch_size=1, seed=0, epoch=0) == [[2], [4], [3], [6], [5], [0], [1], [7]]
-    assert epoch_batches(["a", "b"] * 4, batch_size=2, seed=0, epoch=0) == [[2, 4], [3, 5], [6, 0], [1, 7]]
+    # (changed on purpose in issue 4: shard permutation + shuffling within windows of shards)
+    assert epoch_batches([0] * 8, batch_size=1, seed=0, epoch=0) == [[6], [4], [2], [7], [0], [5], [3], [1]]
+    assert epoch_batches(["a", "b"] * 4, batch_size=2, seed=0, epoch=0) == [[5, 1], [4, 0], [7, 3], [6, 2]]
+    assert epoch_batches([0] * 8, batch_size=1, seed=0, epoch=0, shard_size=2, window=2) == [
+        [0], [4], [1], [5], [7], [2], [6], [3]]
 
 
 @pytest.mark.parametrize("repeat", [1, 2, 5])
@@ -57,13 +60,56 @@ def test_batches_hold_one_bucket_and_respect_batch_size(batch_size):
     assert per_bucket == {b: math.ceil(2 * n / batch_size) for b, n in counts.items()}
 
 
-def test_batches_are_ordered_by_their_first_sample_in_the_permutation():
+def test_batches_are_ordered_by_their_first_sample_in_the_epoch_order():
+    order = epoch_order(shard_groups(BUCKETS, 64), seed=5, epoch=0)
     batches = epoch_batches(BUCKETS, batch_size=3, seed=5, epoch=0)
-    singles = flat(epoch_batches([0] * len(BUCKETS), batch_size=1, seed=5, epoch=0))  # the permutation itself
-    firsts = [singles.index(b[0]) for b in batches]
+    firsts = [order.index(b[0]) for b in batches]
     assert firsts == sorted(firsts)
-    for b in batches:  # inside a batch, samples keep permutation order
-        assert [singles.index(i) for i in b] == sorted(singles.index(i) for i in b)
+    for b in batches:  # inside a batch, samples keep the epoch order
+        assert [order.index(i) for i in b] == sorted(order.index(i) for i in b)
+
+
+def test_shards_follow_the_cache_layout():
+    from autosplit.cache import make_buckets
+
+    shards = shard_groups(BUCKETS, 4)
+    cache_shards = [list(b.samples[lo:hi]) for b in make_buckets(BUCKETS) for lo, hi in b.shards(4)]
+    assert shards == cache_shards
+    assert sorted(i for s in shards for i in s) == list(range(len(BUCKETS)))
+
+
+def test_windows_keep_reads_within_a_few_shards():
+    buckets = [0] * 64
+    shards = shard_groups(buckets, 4)  # 16 shards of 4
+    order = epoch_order(shards, seed=1, epoch=0, window=2)
+    shard_of = {i: k for k, s in enumerate(shards) for i in s}
+    for lo in range(0, 64, 8):  # each run of 8 samples comes from exactly 2 shards
+        assert len({shard_of[i] for i in order[lo:lo + 8]}) == 2
+    assert sorted(order) == list(range(64))
+    assert order != sorted(order)
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_ranks_read_disjoint_whole_shards_and_get_equal_batch_counts(world_size):
+    shards = shard_groups(BUCKETS, 2)
+    shard_of = {i: k for k, s in enumerate(shards) for i in s}
+    per_rank = [epoch_batches(BUCKETS, batch_size=2, seed=4, epoch=1, shard_size=2, window=2, rank=r,
+                              world_size=world_size) for r in range(world_size)]
+    assert len({len(b) for b in per_rank}) == 1 and len(per_rank[0]) > 0
+    owned = [{shard_of[i] for i in flat(b)} for b in per_rank]
+    for a in range(world_size):
+        for b in range(a + 1, world_size):
+            assert not owned[a] & owned[b]
+    seen = Counter(i for b in per_rank for i in flat(b))
+    assert all(n == 1 for n in seen.values())  # no sample twice; a few may be dropped to even out ranks
+    assert len(seen) >= len(BUCKETS) - world_size * 2 * 3
+
+
+def test_two_rank_loaders_get_the_same_number_of_batches():
+    loaders = [make_loader(shard_size=2, window=2, rank=r, world_size=2, repeat=1) for r in (0, 1)]
+    got = [[indices(b) for b in loader.iter_epoch(0)] for loader in loaders]
+    assert len(got[0]) == len(got[1]) == len(loaders[0]) == len(loaders[1])
+    assert not set(flat(got[0])) & set(flat(got[1]))
 
 
 def test_epoch_batches_of_an_empty_dataset():
