@@ -219,7 +219,7 @@ class _Tracer(TorchDispatchMode):
         out = func(*args, **kwargs)
         formula = _FLOP_FORMULAS.get(func._overloadpacket)
         if formula is not None:
-            self.flops += int(formula(*args, **kwargs, out_val=out))
+            self.flops += _count_flops(func, formula, args, kwargs, out)
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor):
                 self._track(t, label, input_keys)
@@ -240,6 +240,22 @@ def _cpu_attention_flops() -> dict[Any, Any]:
 
 
 _FLOP_FORMULAS = {**flop_registry, **_cpu_attention_flops()}
+
+
+def _count_flops(func: Any, formula: Any, args: tuple, kwargs: Mapping[str, Any], out: Any) -> int:
+    try:
+        return int(formula(*args, **kwargs, out_val=out))
+    except AssertionError:
+        if "scaled_dot_product" not in func.__name__:
+            raise
+    # grouped-query attention (fewer key/value heads than query heads, `enable_gqa`): torch's
+    # formula asserts equal heads. Count as if keys and values were repeated to the query's heads.
+    backward = "backward" in func.__name__
+    q, k, v = (args[1], args[2], args[3]) if backward else (args[0], args[1], args[2])
+    b, h, s_q, d = q.shape
+    s_k, d_v = k.shape[-2], v.shape[-1]
+    forward_flops = 2 * b * h * s_q * s_k * d + 2 * b * h * s_q * s_k * d_v
+    return int(forward_flops * 2.5) if backward else forward_flops
 
 
 @dataclass
