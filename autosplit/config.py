@@ -45,6 +45,9 @@ class DataConfig:
     #: image latents from the VAE posterior: "mode" (deterministic), "sample" (fresh every step:
     #: the distribution is cached, sampling runs in stage 2), "frozen_sample" (one cached draw per image)
     vae_latents: str = "mode"
+    #: probability of a random horizontal flip of each image, drawn anew every step (a random
+    #: augmentation: stage 2 unless cache.variants > 0)
+    random_flip: float = 0.0
     #: shards whose samples are shuffled together (epoch order: shard permutation, then windows)
     shuffle_window: int = 4
 
@@ -97,6 +100,9 @@ class CacheConfig:
     batch_size: int = 1
     #: hot read path of stage 2: "tensorstore" (fast, async) or "zarr" (zarr-python, the reference)
     reader: str = "tensorstore"
+    #: cache K variants of each sample's random augmentations (seeded by sample and variant) so
+    #: the VAE stays in stage 1; stage 2 picks one per sample per epoch. 0: augment in stage 2
+    variants: int = 0
 
 
 @dataclass
@@ -150,6 +156,7 @@ SEED_FLAGS = {
     "cache_path": "cache.path",
     "profile": "plan.profile",
     "vram_budget": "plan.vram_budget_gib",
+    "cache_variants": "cache.variants",
 }
 
 
@@ -231,6 +238,8 @@ def validate(config: RunConfig) -> list[str]:
         ("data.vae_latents", config.data.vae_latents in ("mode", "sample", "frozen_sample"),
          "must be mode, sample or frozen_sample"),
         ("data.shuffle_window", config.data.shuffle_window >= 1, "must be at least 1"),
+        ("data.random_flip", 0.0 <= config.data.random_flip <= 1.0, "must be a probability, 0 to 1"),
+        ("cache.variants", config.cache.variants >= 0, "must be 0 (augment in stage 2) or a count of variants"),
         ("train.learning_rate", config.train.learning_rate > 0, "must be positive"),
         ("train.num_epochs", config.train.num_epochs >= 1, "must be at least 1"),
         ("train.batch_size", config.train.batch_size >= 1, "must be at least 1"),

@@ -43,7 +43,7 @@ class Sample:
 
     def sources(self) -> dict[str, list[Any]]:
         """The sample's values for the unit graph, as a batch of one (lists)."""
-        return {**{k: [v] for k, v in self.extras.items()}, "image_path": [self.image_path],
+        return {"variant": [0], **{k: [v] for k, v in self.extras.items()}, "image_path": [self.image_path],
                 "image_size": [self.size], "num_frames": [self.num_frames], "prompt": [self.prompt],
                 "sample_id": [self.index]}
 

@@ -3,6 +3,7 @@ unit graph, trainable components, dataset and plan."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 from dataclasses import dataclass, field
@@ -70,8 +71,9 @@ class Session:
         if base is None:
             base = self.dataset_folder()
             metadata = Path(data.metadata_path) if data.metadata_path else None
-        return read_dataset(base, metadata, max_pixels=data.max_pixels, multiple=self.adapter.image_multiple,
-                            media=self.adapter.media, columns=TASK_COLUMNS[self.task], max_frames=data.max_frames)
+        samples = read_dataset(base, metadata, max_pixels=data.max_pixels, multiple=self.adapter.image_multiple,
+                               media=self.adapter.media, columns=TASK_COLUMNS[self.task], max_frames=data.max_frames)
+        return expand_variants(samples, self.config.cache.variants)
 
     def stage1_key(self, plan: Plan, samples: list[Sample], sample_sha: list[bytes]) -> dict[str, Any]:
         """Everything stage-1 outputs depend on; a cache made under another key is stale."""
@@ -90,6 +92,14 @@ class Session:
             "versions": {"torch": torch.__version__.split("+")[0], "diffusers": diffusers.__version__,
                          "transformers": transformers.__version__},
         }
+
+
+def expand_variants(samples: list[Sample], variants: int) -> list[Sample]:
+    """With K cached augmentation variants, each sample becomes K consecutive samples that differ
+    in their `variant` column (K*i + k is variant k of sample i); stage 2 picks one per epoch."""
+    if variants <= 0:
+        return samples
+    return [dataclasses.replace(s, extras={**s.extras, "variant": k}) for s in samples for k in range(variants)]
 
 
 def source_hashes(samples: list[Sample]) -> list[bytes]:
@@ -121,7 +131,8 @@ def open_session(config: RunConfig) -> Session:
     """Resolve `config`; raises ConfigError/ModelError naming the flag at fault."""
     adapter = get_adapter(config.model.pipeline)
     task, mode = parse_task(config.train.task)
-    graph = build_graph(adapter, task, vae_latents=config.data.vae_latents)
+    graph = build_graph(adapter, task, vae_latents=config.data.vae_latents, random_flip_p=config.data.random_flip,
+                        variants=config.cache.variants)
     device = resolve_device(config.model.device)
     dtype_name = config.model.dtype
     if dtype_name == "auto":
@@ -134,7 +145,8 @@ def open_session(config: RunConfig) -> Session:
     read_model_index(root, adapter=adapter, components=[])
     return Session(config=config, adapter=adapter, task=task, mode=mode, model_root=root, device=device,
                    dtype=_DTYPES[dtype_name], graph=graph, trainable=(adapter.base_model_aliases[base],),
-                   settings={"patch_size": 2, "seed": config.train.seed})
+                   settings={"patch_size": 2, "seed": config.train.seed, "random_flip": config.data.random_flip,
+                             "variants": config.cache.variants})
 
 
 def check_components_present(session: Session, names: list[str]) -> None:

@@ -33,7 +33,7 @@ TASKS = ("sft", "direct_distill")
 #: trains), a fresh sample every step (the distribution is cached, sampling runs in stage 2), or
 #: one frozen sample per image (seeded by the sample, so it is cached)
 VAE_LATENTS = ("mode", "sample", "frozen_sample")
-SOURCES = ("image_path", "image_size", "num_frames", "prompt", "sample_id", "seed", "rand_device",
+SOURCES = ("image_path", "image_size", "num_frames", "prompt", "sample_id", "variant", "seed", "rand_device",
            "num_inference_steps",
            "cfg_scale")
 #: dataset columns each task needs besides the image (or video) and the prompt
@@ -246,7 +246,44 @@ def _distill_units(denoise: Unit) -> list[Unit]:
     ]
 
 
-def build_graph(adapter: Adapter, task: str, *, vae_latents: str = "mode") -> UnitGraph:
+def variant_generator(ctx: UnitContext, sample_id: int, variant: int) -> torch.Generator:
+    """The generator of one cached augmentation variant: a pure function of (seed, sample, variant)."""
+    state = np.random.SeedSequence([ctx.settings.get("seed", 0), int(sample_id), int(variant)]).generate_state(2)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+def random_flip(values: Mapping[str, Any], ctx: UnitContext) -> dict[str, Any]:
+    """Flip each image horizontally with probability `random_flip`: from the step's generator, or,
+    when augmentations are cached as variants, from the variant's own seeded generator."""
+    images, flipped = values["decoded_image"], []
+    cached = ctx.settings.get("variants", 0) > 0
+    for image, sample_id, variant in zip(images, values["sample_id"], values["variant"]):
+        generator = variant_generator(ctx, sample_id, variant) if cached else ctx.generator
+        draw = torch.rand((), generator=generator) < ctx.settings.get("random_flip", 0.0)
+        flipped.append(torch.where(draw.to(image.device), image.flip(-1), image))  # no Python branch: fake-safe
+    return {"image": torch.stack(flipped)}
+
+
+def _augment(head: list[Unit], random_flip_p: float, variants: int) -> list[Unit]:
+    """Insert the random flip between decoding and encoding when asked for."""
+    if not random_flip_p or head[0].name != "load_image":
+        return head
+    load = head[0]
+    decode = Unit(load.name, load.inputs, ("decoded_image",), load.fn, doc=load.doc)
+    flip = Unit("random_flip", ("decoded_image", "sample_id", "variant"), ("image",), random_flip,
+                draws_random=variants == 0, doc="random horizontal flip (cached as variants with cache.variants)")
+    return [_renamed(decode), flip, *head[1:]]
+
+
+def _renamed(unit: Unit) -> Unit:
+    def fn(values: Mapping[str, Any], ctx: UnitContext) -> dict[str, Any]:
+        return {"decoded_image": unit.fn(values, ctx)["image"]}
+
+    return Unit(unit.name, unit.inputs, unit.outputs, fn, doc=unit.doc)
+
+
+def build_graph(adapter: Adapter, task: str, *, vae_latents: str = "mode", random_flip_p: float = 0.0,
+                variants: int = 0) -> UnitGraph:
     """The unit graph of `task` on `adapter`'s family (raises ConfigError for an unknown task)."""
     if task not in TASKS:
         forms = ", ".join(f"{t}, {t}:data_process, {t}:train" for t in TASKS)
@@ -257,6 +294,7 @@ def build_graph(adapter: Adapter, task: str, *, vae_latents: str = "mode") -> Un
     else:
         head = [Unit("load_image", ("image_path", "image_size"), ("image",), load_images,
                      doc="decode, resize to cover, centre-crop to the training size")]
+    head = _augment(head, random_flip_p, variants)
     family = _latent_units(adapter, adapter.family_units(), vae_latents)
     if task == "sft":
         return UnitGraph(head + family + _sft_units(), sources=SOURCES)

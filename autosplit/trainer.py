@@ -115,6 +115,28 @@ def _sample_reader(session: Session, plan: Plan, cache_path: Path | None, sample
             None)
 
 
+class _VariantPicker:
+    """Maps sample i to row K*i + v of the K cached variants, v a pure function of (seed, epoch, i)."""
+
+    def __init__(self, variants: int, seed: int):
+        self.variants, self.seed, self.loader = variants, seed, None
+
+    def __call__(self, i: int) -> int:
+        if self.variants <= 0:
+            return i
+        epoch = self.loader.epoch if self.loader is not None else 0
+        v = np.random.SeedSequence([self.seed, epoch, i]).generate_state(1)[0] % self.variants
+        return i * self.variants + int(v)
+
+
+def _one_variant_per_epoch(read: Any, buckets: list, submit: Any, variants: int, seed: int) -> tuple:
+    pick = _VariantPicker(variants, seed)
+    if variants <= 0:
+        return read, buckets, submit, pick
+    wrapped_submit = None if submit is None else (lambda indices: submit([pick(i) for i in indices]))
+    return (lambda i: read(pick(i))), list(buckets)[::variants], wrapped_submit, pick
+
+
 def resume_settings(session: Session, loader: PrefetchLoader) -> dict[str, Any]:
     """The settings a checkpoint must share with the run that resumes it (epochs and max_steps may grow)."""
     cfg = session.config
@@ -146,12 +168,15 @@ def train(session: Session, plan: Plan, output: Path, *, cache_path: Path | None
     params = make_trainable(session, components[trainable], trainable)
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate)
     components[trainable], optimizer = accelerator.prepare(components[trainable], optimizer)
+    read, buckets, submit, pick = _one_variant_per_epoch(read, buckets, submit, session.config.cache.variants,
+                                                         cfg.seed)
     loader = PrefetchLoader(read, buckets, make_batch=make_batch, batch_size=cfg.batch_size, seed=cfg.seed,
                             repeat=session.config.data.repeat, num_workers=session.config.data.num_workers,
                             prefetch=session.config.data.prefetch, shard_size=shard_size,
                             window=session.config.data.shuffle_window,
                             rank=accelerator.process_index, world_size=accelerator.num_processes,
                             pin_memory=device.type == "cuda", submit_batch=submit)
+    pick.loader = loader
     units = [session.graph[name] for name in plan.stage_units(2)]
     output.mkdir(parents=True, exist_ok=True)
     (output / "plan.json").write_text(plan.to_json())

@@ -242,7 +242,7 @@ def test_seed_flag_set_is_frozen():
         "dataset_base_path", "dataset_metadata_path", "dataset_repeat", "dataset_num_workers", "max_pixels",
         "learning_rate", "num_epochs", "task", "seed", "batch_size", "gradient_accumulation_steps",
         "max_steps", "mixed_precision", "output_path", "lora_base_model", "lora_target_modules", "lora_rank",
-        "model_paths", "pipeline", "device", "dtype", "cache_path", "profile", "vram_budget",
+        "model_paths", "pipeline", "device", "dtype", "cache_path", "profile", "vram_budget", "cache_variants",
     ])
 
 
@@ -259,20 +259,22 @@ def test_seed_flags_set_the_right_keys():
         "max_steps": "100", "mixed_precision": "bf16", "output_path": "/out", "lora_base_model": "transformer",
         "lora_target_modules": "to_q,to_v", "lora_rank": "16", "model_paths": "/models/qwen",
         "pipeline": "qwen_image", "device": "cuda:1", "dtype": "float16", "cache_path": "/cache",
-        "profile": "real", "vram_budget": "48",
+        "profile": "real", "vram_budget": "48", "cache_variants": "3",
     }
     c = load(flags=flags)
     assert c.to_dict() == {
         "output_path": "/out",
         "model": {"pipeline": "qwen_image", "path": "/models/qwen", "device": "cuda:1", "dtype": "float16"},
         "data": {"base_path": "/data", "metadata_path": "/data/meta.jsonl", "max_pixels": 262144, "max_frames": 81,
-                 "repeat": 3, "num_workers": 5, "prefetch": 4, "vae_latents": "mode", "shuffle_window": 4},
+                 "repeat": 3, "num_workers": 5, "prefetch": 4, "vae_latents": "mode", "random_flip": 0.0,
+                 "shuffle_window": 4},
         "train": {"task": "sft:train", "split": True, "learning_rate": 5e-5, "num_epochs": 2, "batch_size": 4,
                   "gradient_accumulation_steps": 2, "max_steps": 100, "seed": 11, "gradient_checkpointing": False,
                   "mixed_precision": "bf16", "checkpoint_every": 0, "checkpoints_kept": 2, "resume": False},
         "lora": {"base_model": "transformer", "target_modules": "to_q,to_v", "rank": 16, "alpha": 0.0,
                  "full_finetune": False},
-        "cache": {"path": "/cache", "shard_size": 64, "zstd_level": 1, "batch_size": 1, "reader": "tensorstore"},
+        "cache": {"path": "/cache", "shard_size": 64, "zstd_level": 1, "batch_size": 1, "reader": "tensorstore",
+                  "variants": 3},
         "plan": {"profile": "real", "solver": "auto", "vram_budget_gib": 48.0},
     }
 
@@ -282,5 +284,5 @@ def test_all_keys_lists_top_level_and_nested_keys():
     assert keys[0] == "output_path"
     assert {"model.path", "data.base_path", "train.learning_rate", "lora.rank", "cache.zstd_level"} <= set(keys)
     assert not {"model", "data", "train", "lora", "cache"} & set(keys)
-    assert len(keys) == len(set(keys)) == 1 + 4 + 9 + 13 + 5 + 5 + 3
+    assert len(keys) == len(set(keys)) == 1 + 4 + 10 + 13 + 5 + 6 + 3
     assert all(re.fullmatch(r"[a-z_]+(\.[a-z_0-9]+)?", k) for k in keys)

@@ -201,3 +201,17 @@ def test_vae_posterior_sampling(mode, stage1, cached):
                      trainable=("transformer",), layouts=adapter.value_layouts())
     assert plan.stage_units(1) == stage1
     assert [v.name for v in plan.cached] == cached
+
+
+@pytest.mark.parametrize("variants, stage1", [
+    (0, ["load_image", "encode_prompt"]),  # the decoded pixels may be cached, the flip may not
+    (3, ["load_image", "random_flip", "encode_prompt", "encode_image"]),
+])
+def test_random_flip_stays_in_stage2_unless_cached_as_variants(variants, stage1):
+    adapter = QwenImageAdapter()
+    graph = build_graph(adapter, "sft", random_flip_p=0.5, variants=variants)
+    plan = make_plan(graph, pipeline="qwen_image", task="sft", trainable=("transformer",),
+                     layouts=adapter.value_layouts())
+    assert plan.stage_units(1) == stage1
+    # without variants the flip draws every step, so the VAE runs (and is resident) in stage 2
+    assert ("vae" in plan.components(2)) == (variants == 0)

@@ -198,3 +198,37 @@ def test_vae_posterior_sampling_split_matches_unsplit(tmp_path, tiny_model, tiny
     assert all(torch.equal(a[k], b[k]) for k in a)
     cached = [v["name"] for v in json.loads((tmp_path / "split/plan.json").read_text())["cached"]]
     assert ("latent_std" in cached) == (mode == "sample")
+
+
+def test_cached_augmentation_variants_match_unsplit_and_vary_by_epoch(tmp_path, tiny_model, tiny_dataset):
+    from autosplit.cache import CacheReader
+
+    args = ["--num_epochs", "3", "--dataset_repeat", "1", "--lora_rank", "4", "--seed", "7", "--cache_variants", "2",
+            "--set", "data.random_flip=0.5"]
+    assert run("--output_path", str(tmp_path / "split"), *args) == 0
+    assert run("--no-split", "--output_path", str(tmp_path / "unsplit"), *args) == 0
+    a, b = load_file(tmp_path / "split/lora.safetensors"), load_file(tmp_path / "unsplit/lora.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert losses(tmp_path / "split") == losses(tmp_path / "unsplit") and len(losses(tmp_path / "split")) == 48
+    plan = json.loads((tmp_path / "split/plan.json").read_text())
+    assert [u["name"] for u in plan["units"] if u["stage"] == 1][:2] == ["load_image", "random_flip"]
+    reader = CacheReader(tmp_path / "split/cache")
+    assert len(reader) == 32  # 16 samples x 2 variants
+    flips = [not torch.equal(reader.read(2 * i)["image_latents"], reader.read(2 * i + 1)["image_latents"])
+             for i in range(16)]
+    assert 0 < sum(flips) < 16  # some variants flipped, some not (p = 0.5)
+
+
+def test_variant_choice_is_a_pure_function_of_seed_epoch_and_sample():
+    from autosplit.trainer import _VariantPicker
+
+    class Epoch:
+        epoch = 0
+
+    pick = _VariantPicker(4, seed=7)
+    pick.loader = Epoch()
+    first = [pick(i) for i in range(50)]
+    assert first == [pick(i) for i in range(50)]
+    assert all(4 * i <= row < 4 * i + 4 for i, row in enumerate(first))
+    Epoch.epoch = 1
+    assert [pick(i) for i in range(50)] != first
