@@ -1,4 +1,4 @@
-"""Command line: `autosplit run`, `autosplit plan`, `autosplit inspect`.
+"""Command line: `autosplit run`, `autosplit plan`, `autosplit profile`, `autosplit inspect`, `autosplit bench`.
 
 Each verb has `add_<verb>_parser(subparsers)` and `<verb>_command(args) -> int`. User errors
 (AutosplitError) become one line on stderr and exit code 2; anything else keeps its traceback.
@@ -319,6 +319,58 @@ def inspect_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_bench_parser(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "bench", help="profile the pipeline and compare its memory and FLOPs with a baseline budget",
+        description="Profile as `autosplit plan` does and check the predicted peaks, the training step and every "
+                    "unit against a budget file (see docs/benchmarks.md). Exit 1 on a regression.")
+    _add_config_flags(parser)
+    _add_profile_flags(parser)
+    parser.add_argument("--baseline", type=Path, default=None,
+                        help="budget file (JSON) to compare with, e.g. profiles/budgets.json")
+    parser.add_argument("--write-baseline", dest="write_baseline", type=Path, default=None,
+                        help="write (or update) this measurement's entry in this budget file")
+    parser.add_argument("--budget_key", default=None,
+                        help="entry of the budget file (default: PIPELINE-MODEL-MODE, e.g. qwen_image-tiny-fake)")
+    parser.set_defaults(command=bench_command)
+
+
+def bench_command(args: argparse.Namespace) -> int:
+    from autosplit.gate import budget_entry, budget_key, check_budget, compare_budget, load_budgets, make_budget, \
+        profile_inputs, write_budget
+    from autosplit.report import budget_table
+    from autosplit.session import open_session
+
+    if args.baseline is None and args.write_baseline is None:
+        raise ConfigError("autosplit bench needs --baseline FILE (compare) or --write-baseline FILE (record), or both")
+    config = config_from_args(args)
+    session = open_session(config)
+    baseline = load_budgets(args.baseline) if args.baseline is not None else None  # fail early on a bad file
+    profile = _profile(args, session)
+    if profile is None:
+        raise ConfigError("--profile none measures nothing; use --profile fake or real")
+    plan = session.plan(profile)
+    model = Path(config.model.path).name if config.model.path else ("full" if args.fake else "tiny")
+    key = args.budget_key or budget_key(session.adapter.name, model, profile.mode, session.task)
+    dtype = torch.bfloat16 if args.fake and config.model.dtype == "auto" else session.dtype  # as _profile does
+    inputs = profile_inputs(dtype, image_size=args.image_size, prompt_tokens=args.prompt_tokens)
+    status = 0
+    if baseline is not None:
+        budget = budget_entry(baseline, key, args.baseline)
+        print(f"{key}: measured vs {args.baseline} (tolerance: memory +{baseline['tolerance']['memory'] * 100:g}%, "
+              f"FLOPs {baseline['tolerance']['flops'] * 100:g}%, cut exact)")
+        print(budget_table(compare_budget(profile, plan, budget, tolerance=baseline["tolerance"])))
+        problems = check_budget(profile, plan, budget, tolerance=baseline["tolerance"], inputs=inputs)
+        for line in problems:
+            print(f"autosplit: regression: {line}", file=sys.stderr)
+        print(f"{len(problems)} regression(s)" if problems else "no regression")
+        status = 1 if problems else 0
+    if args.write_baseline is not None:
+        write_budget(args.write_baseline, key, make_budget(profile, plan, inputs=inputs))
+        print(f"budget {key} written to {args.write_baseline}")
+    return status
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="autosplit", description="Split diffusion fine-tuning into a cached "
                                      "preprocessing stage and a training stage.")
@@ -328,6 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_plan_parser(subparsers)
     add_profile_parser(subparsers)
     add_inspect_parser(subparsers)
+    add_bench_parser(subparsers)
     return parser
 
 

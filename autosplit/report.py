@@ -133,3 +133,19 @@ def with_budget(predicted: dict[str, Any], budget_gib: float) -> dict[str, Any]:
         return predicted
     budget = int(budget_gib * (1 << 30))
     return {**predicted, "vram_budget_bytes": budget, "fits_budget": predicted["stage2_peak_bytes"] <= budget}
+
+
+def budget_table(checks: list[Any]) -> str:
+    """`autosplit bench`'s table: each budgeted number (gate.Check), its budget, measurement, status."""
+    def fmt(kind: str, n: int | float | None) -> str:
+        if n is None:
+            return "-"
+        return format_bytes(n) if kind == "memory" else format_flops(int(n)) if kind == "flops" else str(int(n))
+
+    rows = [("metric", "budget", "measured", "change", "status")]
+    for c in checks:
+        change = "-"
+        if c.kind != "stage" and c.measured is not None and c.budget:
+            change = f"{(c.measured / c.budget - 1) * 100:+.2f}%"
+        rows.append((c.name, fmt(c.kind, c.budget), fmt(c.kind, c.measured), change, c.status))
+    return "\n".join(_table(rows))
