@@ -230,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
         r.results["caches_identical"] = caches_identical(caches[1], caches[2])
         r.save()
     cache = caches[2] if s2 else caches[1]
-    train = ["run", "--task", "sft:train", "--dataset_base_path", str(cache), "--max_steps", str(steps),
+    train = ["run", "--task", "sft:train", "--dataset_base_path", str(cache), "--model_paths", str(model),
+             "--max_steps", str(steps),
              "--max_pixels", str(side * side),
              "--num_epochs", "1000", "--lora_rank", "32", "--use_gradient_checkpointing",
              *(["--device", "cpu"] if args.cpu else [])]
