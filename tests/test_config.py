@@ -283,5 +283,5 @@ def test_all_keys_lists_top_level_and_nested_keys():
     assert keys[0] == "output_path"
     assert {"model.path", "data.base_path", "train.learning_rate", "lora.rank", "cache.zstd_level"} <= set(keys)
     assert not {"model", "data", "train", "lora", "cache"} & set(keys)
-    assert len(keys) == len(set(keys)) == 1 + 4 + 9 + 13 + 5 + 5 + 3
+    assert len(keys) == len(set(keys)) == 1 + 4 + 9 + 14 + 5 + 5 + 3
     assert all(re.fullmatch(r"[a-z_]+(\.[a-z_0-9]+)?", k) for k in keys)
