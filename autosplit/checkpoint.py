@@ -4,8 +4,9 @@ A checkpoint holds what a resumed run needs to continue the exact sequence of an
 one: the trainable weights (`weights.safetensors`), the optimizer's tensors
 (`optimizer.safetensors`) and its hyper-parameters, the RNG states (`rng.safetensors`), and
 `state.json` (optimizer steps, micro-steps, loader state, the loss log so far, and the settings
-that must not change across a resume). Per-step noise and timesteps are a pure function of
-(seed, micro-step), so the micro-step count is most of the RNG state. A checkpoint is written to
+that must not change across a resume; the number of processes may, see `loader.remaining_batches`).
+Per-step noise and timesteps are a pure function of (seed, micro-step, rank), so the micro-step count
+is most of the RNG state. A checkpoint is written to
 `step-N.partial/` and renamed into place, so a kill never leaves a half-written one that looks
 complete.
 """
@@ -111,7 +112,8 @@ def load_checkpoint(path: Path, *, model: torch.nn.Module, optimizer: Any, setti
     Raises CheckpointError if the checkpoint was made with other settings or other weights.
     """
     state = TrainState(**json.loads((path / "state.json").read_text()))
-    changed = sorted(k for k in set(state.settings) | set(settings) if state.settings.get(k) != settings.get(k))
+    saved = {k: v for k, v in state.settings.items() if k != "world_size"}  # older checkpoints pinned it
+    changed = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
     if changed:
         raise CheckpointError(f"{path} was saved with other settings (changed: {', '.join(changed)}); "
                               f"resume with the same settings or drop --resume and use a new --output_path")

@@ -22,7 +22,7 @@ from autosplit.errors import AutosplitError, CacheError, ConfigError
 log = logging.getLogger("autosplit")
 
 #: flags of the seed's commands that autosplit accepts and does not need
-_COMPAT_FLAGS = ("remove_prefix_in_ckpt", "find_unused_parameters")
+_COMPAT_FLAGS = ("remove_prefix_in_ckpt",)
 _FLAG_HELP = {
     "dataset_base_path": "dataset folder (stage 1), or the cache folder (--task sft:train)",
     "dataset_metadata_path": "metadata.csv / metadata.jsonl (default: the one in the dataset folder)",
@@ -70,6 +70,9 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
                         help="seed-compatible model spec; resolved from the local Hugging Face cache only")
     for flag in _COMPAT_FLAGS:
         parser.add_argument(f"--{flag}", nargs="?", const=True, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--find_unused_parameters", nargs="?", const="true", default=None, metavar="BOOL",
+                        help="multi-process stage 2: DDP finds trainable parameters without a gradient each step "
+                             "(default true; see train.find_unused_parameters)")
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
@@ -83,6 +86,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         sets.append("lora.full_finetune=true")
     if getattr(args, "resume", False):
         sets.append("train.resume=true")
+    if getattr(args, "find_unused_parameters", None) is not None:
+        sets.append(f"train.find_unused_parameters={args.find_unused_parameters}")
     if args.model_id_with_origin_paths and "model_paths" not in flags:
         from autosplit.models import resolve_hub_id
 
@@ -126,6 +131,8 @@ def run_command(args: argparse.Namespace) -> int:
             result = train(session, plan, output, cache_path=cache)
         else:
             result = train(session, plan, output, samples=samples)
+    if not result.is_main_process:
+        return 0  # the main process reports the run
     tenth = max(1, len(result.losses) // 10)
     first, last = (sum(part) / len(part) for part in (result.losses[:tenth], result.losses[-tenth:]))
     print(f"stage 2: {result.steps} steps in {result.seconds:.1f} s; loss {first:.4f} -> {last:.4f} "

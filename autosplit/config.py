@@ -74,6 +74,9 @@ class TrainConfig:
     checkpoints_kept: int = 2
     #: continue from the newest checkpoint in OUTPUT/checkpoints
     resume: bool = False
+    #: multi-process runs: DDP looks for trainable parameters that got no gradient each step (needed
+    #: when some do, e.g. LoRA on Qwen-Image's last block's text path); false skips that search
+    find_unused_parameters: bool = True
 
 
 @dataclass

@@ -5,7 +5,11 @@ The order of an epoch is a pure function of (seed, epoch): a seeded permutation 
 inside windows of a few shards, `repeat` times over, then batches formed inside shape buckets. Split and unsplit runs use the
 same order, which is what lets them learn the same weights. The loader reads and collates
 batches in background threads into a bounded queue, ahead of the trainer; its state is
-(epoch, batches consumed), so a resumed run continues the same sequence.
+(epoch, batches consumed, world size), so a resumed run continues the same sequence.
+
+A run resumed on another number of processes finishes the interrupted epoch with the batches the
+old ranks had not reached yet, dealt round-robin to the new ranks (`remaining_batches`), so no
+sample of that epoch is seen twice; later epochs split the full order over the new ranks.
 """
 
 from __future__ import annotations
@@ -79,6 +83,34 @@ def epoch_batches(bucket_of: Sequence[Hashable], *, batch_size: int, seed: int, 
     return mine
 
 
+def remaining_batches(bucket_of: Sequence[Hashable], *, history: Sequence[Sequence[int]], batch_size: int, seed: int,
+                      epoch: int, repeat: int = 1, shard_size: int = 64, window: int = 4) -> list[list[int]]:
+    """The batches of `epoch` no rank had reached when the world size last changed, in a global order.
+
+    `history` lists the (world_size, batches consumed per rank) of each stretch of the epoch run
+    before the latest change, oldest first. The first stretch ran the epoch's normal batches
+    (`epoch_batches`); each later one ran the remainder of the one before, dealt as `deal` does.
+    The remainder interleaves the ranks' unreached batches (rank 0's next, rank 1's next, ...).
+    """
+    (world, done), *later = history
+    per_rank = [epoch_batches(bucket_of, batch_size=batch_size, seed=seed, epoch=epoch, repeat=repeat,
+                              shard_size=shard_size, window=window, rank=r, world_size=world) for r in range(world)]
+    left = _interleave([b[done:] for b in per_rank])
+    for world, done in later:
+        left = _interleave([deal(left, rank=r, world_size=world)[done:] for r in range(world)])
+    return left
+
+
+def deal(batches: list[list[int]], *, rank: int, world_size: int) -> list[list[int]]:
+    """Rank `rank`'s share of `batches`: every world_size-th one, all ranks cut to the same count
+    (the last `len(batches) % world_size` batches are dropped, as DDP needs equal counts)."""
+    return batches[rank::world_size][:len(batches) // world_size]
+
+
+def _interleave(per_rank: list[list[list[int]]]) -> list[list[int]]:
+    return [b for group in zip(*per_rank) for b in group]
+
+
 def collate(samples: list[Mapping[str, Any]], ragged: Mapping[str, int]) -> dict[str, Any]:
     """Stack per-sample values into a batch; ragged values are zero-padded to the longest.
 
@@ -139,26 +171,44 @@ class PrefetchLoader:
         self.shard_size, self.window, self.rank, self.world_size = shard_size, window, rank, world_size
         self.submit_batch = submit_batch
         self.epoch, self.position = 0, 0
+        #: (world_size, position) of each stretch of the current epoch run on another world size
+        self.history: list[list[int]] = []
+        #: the sample indices of the batch last yielded
+        self.current: list[int] = []
 
     def batches(self, epoch: int) -> list[list[int]]:
-        return epoch_batches(self.bucket_of, batch_size=self.batch_size, seed=self.seed, epoch=epoch,
-                             repeat=self.repeat, shard_size=self.shard_size, window=self.window, rank=self.rank,
-                             world_size=self.world_size)
+        """This rank's batches of `epoch` (of its remainder, if the world size changed during it)."""
+        kwargs = dict(batch_size=self.batch_size, seed=self.seed, epoch=epoch, repeat=self.repeat,
+                      shard_size=self.shard_size, window=self.window)
+        if self.history and epoch == self.epoch:
+            left = remaining_batches(self.bucket_of, history=self.history, **kwargs)
+            return deal(left, rank=self.rank, world_size=self.world_size)
+        return epoch_batches(self.bucket_of, rank=self.rank, world_size=self.world_size, **kwargs)
 
     def __len__(self) -> int:
         return len(self.batches(self.epoch))
 
-    def state_dict(self) -> dict[str, int]:
+    def state_dict(self) -> dict[str, Any]:
         return {"seed": self.seed, "epoch": self.epoch, "position": self.position, "batch_size": self.batch_size,
-                "repeat": self.repeat, "num_samples": len(self.bucket_of)}
+                "repeat": self.repeat, "num_samples": len(self.bucket_of), "world_size": self.world_size,
+                "history": [list(h) for h in self.history]}
 
-    def load_state_dict(self, state: Mapping[str, int]) -> None:
-        """Continue from `state`; raises ValueError if it was saved for another sequence."""
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue from `state`; raises ValueError if it was saved for another sequence.
+
+        Saved on another world size mid-epoch, the rest of that epoch is the batches no old rank
+        reached (see `remaining_batches`), dealt to this loader's ranks.
+        """
         mine = self.state_dict()
         for key in ("seed", "batch_size", "repeat", "num_samples"):
             if key in state and state[key] != mine[key]:
                 raise ValueError(f"loader state was saved with {key} {state[key]}, this loader uses {mine[key]}")
         self.epoch, self.position = state["epoch"], state["position"]
+        self.history = [list(h) for h in state.get("history", [])]
+        saved_world = state.get("world_size", self.world_size)
+        if saved_world != self.world_size:
+            self.history.append([saved_world, self.position])
+            self.position = 0
 
     def _load(self, pending: Any) -> Any:
         batch = self.make_batch(list(pending.result()))
@@ -200,7 +250,7 @@ class PrefetchLoader:
     def iter_epoch(self, epoch: int) -> Iterator[Any]:
         """Yield the batches of `epoch`, starting at the saved position if resuming that epoch."""
         if epoch != self.epoch:
-            self.epoch, self.position = epoch, 0
+            self.epoch, self.position, self.history = epoch, 0, []
         todo = self.batches(epoch)[self.position:]
         ready: queue.Queue = queue.Queue(maxsize=self.prefetch)
         stop = threading.Event()
@@ -208,11 +258,12 @@ class PrefetchLoader:
                                   daemon=True)
         thread.start()
         try:
-            for _ in todo:
+            for indices in todo:
                 kind, item = ready.get()
                 if kind == "error":
                     raise item
                 self.position += 1
+                self.current = indices
                 yield item
         finally:
             stop.set()

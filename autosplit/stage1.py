@@ -11,9 +11,11 @@ source digest it already holds and encoding only the others, then swaps the two.
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -185,13 +187,28 @@ def _write_shards(session: Session, plan: Plan, samples: list[Sample], writer: C
     if not mine:
         return
     produce = _producer(session, plan, samples, target.reuse, batch_size)
+    shard_seconds, shard_samples = [], []
     with tqdm(total=sum(len(range(*b.shards(shard_size)[k])) for b, k in mine), desc="stage 1: caching",
               unit="sample", disable=None) as bar:  # disable=None: a bar on terminals only
         for bucket, shard in mine:
+            tick = time.perf_counter()
             lo, hi = bucket.shards(shard_size)[shard]
             outputs = produce([samples[i] for i in bucket.samples[lo:hi]])
             _guard_disk(writer.path, lambda: writer.write_shard(bucket, shard, outputs))
+            _synchronize(session.device)
+            shard_seconds.append(time.perf_counter() - tick)
+            shard_samples.append(hi - lo)
             bar.update(hi - lo)
+    # encode + write time, models already loaded; the first shard carries the warm-up
+    log.info("stage 1 stats %s", json.dumps({"rank": rank, "world_size": world, "shards": len(mine),
+                                             "samples": sum(shard_samples), "seconds": sum(shard_seconds),
+                                             "first_shard_samples": shard_samples[0],
+                                             "first_shard_seconds": shard_seconds[0]}))
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
 
 
 def _producer(session: Session, plan: Plan, samples: list[Sample], reuse: Path | None,

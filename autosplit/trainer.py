@@ -3,10 +3,15 @@
 Split runs read the stage-1 values from the cache; unsplit runs (`train.split = false`) compute
 them every step from the dataset with the stage-1 components resident. Everything after that is
 the same code, which is why the two learn the same weights.
+
+Under `accelerate launch --num_processes N` the model is wrapped in DDP: each rank reads its own
+shards, every rank runs the same number of batches, gradients are all-reduced, the logged loss is
+the mean over ranks, and only the main process writes plan.json, the log, checkpoints and weights.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -33,6 +38,9 @@ from autosplit.stage1 import compute_sample, stage1_context
 log = logging.getLogger(__name__)
 
 LORA_WEIGHT_NAME = "lora.safetensors"
+#: debugging: a folder where each rank appends the sample indices of every batch it trains on
+#: (`rank-R.jsonl`: epoch, micro_step, samples)
+TRACE_ENV = "AUTOSPLIT_TRACE_SAMPLES"
 
 
 @dataclass(frozen=True)
@@ -41,13 +49,28 @@ class TrainResult:
     losses: list[float]
     output: Path
     seconds: float
+    #: false on the other ranks of a multi-process run (they write nothing)
+    is_main_process: bool = True
 
 
-def step_generator(seed: int, micro_step: int) -> torch.Generator:
-    """The RNG of one micro-step: a pure function of (seed, step), so resumes and split/unsplit
-    runs draw the same noise and timesteps."""
-    state = np.random.SeedSequence([seed, micro_step]).generate_state(2, dtype=np.uint32)
+def step_generator(seed: int, micro_step: int, rank: int = 0) -> torch.Generator:
+    """The RNG of one micro-step on one rank: a pure function of (seed, step, rank), so resumes and
+    split/unsplit runs draw the same noise and timesteps, and ranks draw different ones."""
+    entropy = [seed, micro_step] if rank == 0 else [seed, micro_step, rank]  # rank 0: as one-process runs
+    state = np.random.SeedSequence(entropy).generate_state(2, dtype=np.uint32)
     return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+def weights_digest(state: dict[str, torch.Tensor]) -> str:
+    """sha256 over tensors' dtypes, shapes and bytes, in name order: equal digests mean bit-identical
+    weights. Names are not hashed, so the saved LoRA file (its keys prefixed with the component)
+    digests as the state dict does. Ranks of a DDP run log theirs to show they agree."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        h.update(f"{t.dtype}\0{tuple(t.shape)}\0".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
 
 def check_lora_targets(model: torch.nn.Module, targets: list[str], *, component: str) -> None:
@@ -144,7 +167,7 @@ def resume_settings(session: Session, loader: PrefetchLoader) -> dict[str, Any]:
     return {**{f"train.{k}": getattr(cfg.train, k) for k in train_keys},
             **{f"lora.{k}": v for k, v in vars(cfg.lora).items()},
             "data.repeat": cfg.data.repeat, "data.shuffle_window": cfg.data.shuffle_window,
-            "shard_size": loader.shard_size, "world_size": loader.world_size, "model.dtype": str(session.dtype)}
+            "shard_size": loader.shard_size, "model.dtype": str(session.dtype)}
 
 
 def train(session: Session, plan: Plan, output: Path, *, cache_path: Path | None = None,
@@ -154,11 +177,12 @@ def train(session: Session, plan: Plan, output: Path, *, cache_path: Path | None
     With `train.checkpoint_every`, checkpoints go to `output/checkpoints/step-N/`; with
     `train.resume`, the run continues from the newest one exactly as if it had never stopped.
     """
-    from accelerate import Accelerator
+    from accelerate import Accelerator, DistributedDataParallelKwargs
 
     cfg = session.config.train
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=cfg.find_unused_parameters)
     accelerator = Accelerator(cpu=session.device.type == "cpu", mixed_precision=cfg.mixed_precision,
-                              gradient_accumulation_steps=cfg.gradient_accumulation_steps)
+                              gradient_accumulation_steps=cfg.gradient_accumulation_steps, kwargs_handlers=[ddp])
     device = accelerator.device
     read, buckets, make_batch, inline, shard_size, submit = _sample_reader(session, plan, cache_path, samples)
     names = plan.components(2)
@@ -178,14 +202,14 @@ def train(session: Session, plan: Plan, output: Path, *, cache_path: Path | None
                             pin_memory=device.type == "cuda", submit_batch=submit)
     pick.loader = loader
     units = [session.graph[name] for name in plan.stage_units(2)]
-    output.mkdir(parents=True, exist_ok=True)
-    (output / "plan.json").write_text(plan.to_json())
-    steps_per_epoch = len(loader) // cfg.gradient_accumulation_steps
-    total = cfg.num_epochs * steps_per_epoch
-    if cfg.max_steps:
-        total = min(total, cfg.max_steps)
+    if accelerator.is_main_process:
+        output.mkdir(parents=True, exist_ok=True)
+        (output / "plan.json").write_text(plan.to_json())
     state = _maybe_resume(session, accelerator, components[trainable], optimizer, loader, output)
     log, micro, start = list(state.log), state.micro_step, time.perf_counter()
+    total = _planned_steps(loader, done=len(log), num_epochs=cfg.num_epochs, max_steps=cfg.max_steps,
+                           accumulation=cfg.gradient_accumulation_steps)
+    step_seconds: list[float] = []
     accelerator.step = micro  # gradient accumulation continues its cycle
     model = accelerator.unwrap_model(components[trainable])
 
@@ -195,36 +219,81 @@ def train(session: Session, plan: Plan, output: Path, *, cache_path: Path | None
             save_checkpoint(output, model=model, optimizer=optimizer, keep=cfg.checkpoints_kept, state=state)
 
     log_file = _open_log(output, log, write=accelerator.is_main_process)
+    trace = _open_trace(accelerator.process_index)
+    stop = cfg.max_steps or None  # otherwise every batch of every epoch
+    tick = time.perf_counter()
     with tqdm(total=total, initial=len(log), desc="stage 2: training", unit="step", disable=None) as bar:
         for epoch in range(state.epoch, cfg.num_epochs):
-            if len(log) >= total:
+            if stop and len(log) >= stop:
                 break
+            num_batches = len(loader.batches(epoch))
             for batch in loader.iter_epoch(epoch):
+                if trace is not None:
+                    trace.write(json.dumps({"epoch": epoch, "micro_step": micro, "samples": loader.current}) + "\n")
                 if inline is not None:
                     batch = inline(batch)
                 batch = to_device(batch, device)
                 with accelerator.accumulate(components[trainable]):
-                    ctx = UnitContext(components, device, session.dtype, generator=step_generator(cfg.seed, micro),
-                                      settings=session.settings)
+                    generator = step_generator(cfg.seed, micro, accelerator.process_index)
+                    ctx = UnitContext(components, device, session.dtype, generator=generator, settings=session.settings)
                     loss = run_units(units, batch, ctx)[session.graph.loss]
                     accelerator.backward(loss)
                     optimizer.step()
                     optimizer.zero_grad()
                 micro += 1
                 if accelerator.sync_gradients:
-                    log.append({"step": len(log) + 1, "epoch": epoch, "loss": loss.item()})
+                    mean_loss = accelerator.reduce(loss.detach(), reduction="mean").item()  # = loss on 1 process
+                    step_seconds.append(time.perf_counter() - tick)
+                    tick = time.perf_counter()
+                    log.append({"step": len(log) + 1, "epoch": epoch, "loss": mean_loss})
                     log_file.write(json.dumps(log[-1]) + "\n")
                     log_file.flush()
                     bar.update(1)
                     bar.set_postfix(loss=f"{log[-1]['loss']:.4f}")
-                    if cfg.checkpoint_every and len(log) % cfg.checkpoint_every == 0 and len(log) < total:
-                        checkpoint()
-                    if len(log) >= total:
+                    last = len(log) == stop or (epoch == cfg.num_epochs - 1 and loader.position == num_batches)
+                    if cfg.checkpoint_every and len(log) % cfg.checkpoint_every == 0 and not last:
+                        checkpoint()  # the last one is written after the loop
+                    if len(log) == stop:
                         break
     log_file.close()
+    if trace is not None:
+        trace.close()
     checkpoint()
-    _save(session, accelerator, components[trainable], output)
-    return TrainResult(len(log), [entry["loss"] for entry in log], output, time.perf_counter() - start)
+    digest = _save(session, accelerator, components[trainable], output)
+    _log_stats(accelerator, device, steps=len(log) - state.step, step_seconds=step_seconds, digest=digest)
+    return TrainResult(len(log), [entry["loss"] for entry in log], output, time.perf_counter() - start,
+                       accelerator.is_main_process)
+
+
+def _planned_steps(loader: PrefetchLoader, *, done: int, num_epochs: int, max_steps: int, accumulation: int) -> int:
+    """Optimizer steps of the whole run, for the progress bar: those done, those left in the current
+    epoch, then full epochs (of the current epoch's normal length), at most `max_steps`."""
+    left = (len(loader) - loader.position) // accumulation
+    full = len(epoch_batches_of(loader, loader.epoch)) // accumulation
+    total = done + left + (num_epochs - loader.epoch - 1) * full
+    return min(total, max_steps) if max_steps else total
+
+
+def epoch_batches_of(loader: PrefetchLoader, epoch: int) -> list[list[int]]:
+    """`loader`'s batches of a normal (not resumed-on-another-world-size) `epoch`."""
+    history, loader.history = loader.history, []
+    try:
+        return loader.batches(epoch)
+    finally:
+        loader.history = history
+
+
+def _log_stats(accelerator: Any, device: torch.device, *, steps: int, step_seconds: list[float],
+               digest: str) -> None:
+    """One JSON line per rank: steps, step times (s), peak CUDA memory (bytes), weights digest."""
+    stats = {"rank": accelerator.process_index, "world_size": accelerator.num_processes, "steps": steps,
+             "step_s_median": float(np.median(step_seconds)) if step_seconds else None,
+             "step_s_mean_after_first": float(np.mean(step_seconds[1:])) if len(step_seconds) > 1 else None,
+             "weights_sha256": digest}
+    if device.type == "cuda":
+        stats["peak_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
+        stats["peak_reserved_bytes"] = torch.cuda.memory_stats(device).get("reserved_bytes.all.peak", 0)
+    log.info("stage 2 stats %s", json.dumps(stats))
 
 
 def _maybe_resume(session: Session, accelerator: Any, model: torch.nn.Module, optimizer: Any,
@@ -243,7 +312,20 @@ def _maybe_resume(session: Session, accelerator: Any, model: torch.nn.Module, op
     except ValueError as exc:
         raise CheckpointError(f"{path}: {exc}; resume with the same data settings") from exc
     log.info("resuming from %s (step %d)", path, state.step)
+    saved_world = state.loader.get("world_size", loader.world_size)
+    if saved_world != loader.world_size:
+        log.info("the checkpoint was written by %d processes, this run has %d: epoch %d ends with the %d batches "
+                 "per process that no process had reached", saved_world, loader.world_size, state.epoch,
+                 len(loader))
     return state
+
+
+def _open_trace(rank: int) -> Any:
+    folder = os.environ.get(TRACE_ENV)
+    if not folder:
+        return None
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    return (Path(folder) / f"rank-{rank}.jsonl").open("a", buffering=1)
 
 
 def _open_log(output: Path, entries: list[dict[str, Any]], *, write: bool) -> Any:
@@ -256,15 +338,18 @@ def _open_log(output: Path, entries: list[dict[str, Any]], *, write: bool) -> An
     return f
 
 
-def _save(session: Session, accelerator: Any, model: torch.nn.Module, output: Path) -> None:
+def _save(session: Session, accelerator: Any, model: torch.nn.Module, output: Path) -> str:
+    """Write the trained weights (main process only); return this rank's digest of them."""
     model = accelerator.unwrap_model(model)
-    if not accelerator.is_main_process:
-        return
     if session.config.lora.full_finetune:
-        model.save_pretrained(output / session.trainable[0], safe_serialization=True)
-        return
+        digest = weights_digest({n: p for n, p in model.named_parameters()})
+        if accelerator.is_main_process:
+            model.save_pretrained(output / session.trainable[0], safe_serialization=True)
+        return digest
     from peft.utils import get_peft_model_state_dict
 
     state = get_peft_model_state_dict(model)
-    metadata = model.peft_config["default"].to_dict() if hasattr(model, "peft_config") else None
-    session.adapter.save_lora(output, state, weight_name=LORA_WEIGHT_NAME, metadata=metadata)
+    if accelerator.is_main_process:
+        metadata = model.peft_config["default"].to_dict() if hasattr(model, "peft_config") else None
+        session.adapter.save_lora(output, state, weight_name=LORA_WEIGHT_NAME, metadata=metadata)
+    return weights_digest(state)

@@ -185,7 +185,7 @@ def test_loader_yields_batches_in_epoch_batches_order():
         got = [indices(b) for b in loader.iter_epoch(epoch)]
         assert got == expected
         assert loader.state_dict() == {"seed": 7, "epoch": epoch, "position": len(expected), "batch_size": 3,
-                                       "repeat": 2, "num_samples": len(BUCKETS)}
+                                       "repeat": 2, "num_samples": len(BUCKETS), "world_size": 1, "history": []}
     assert len(loader) == len(epoch_batches(BUCKETS, batch_size=3, seed=7, epoch=1, repeat=2))
 
 
@@ -290,3 +290,71 @@ def test_abandoning_an_epoch_early_stops_the_background_threads():
     leftover = [t for t in threading.enumerate() if t.ident not in before and t.is_alive()]
     assert leftover == []
     assert loader.state_dict()["position"] == 1
+
+
+# --- resuming on another number of processes ---------------------------------------------------
+
+
+def run_stretch(loaders: list[PrefetchLoader], epoch: int, steps: int | None) -> list[list[int]]:
+    """Advance every rank's loader by `steps` batches (all of them: None), as DDP ranks do in lock step."""
+    seen = []
+    for loader in loaders:
+        for n, batch in enumerate(loader.iter_epoch(epoch)):
+            seen.append(indices(batch))
+            if steps is not None and n + 1 == steps:
+                break
+    return seen
+
+
+def world(size: int, state=None, **kwargs) -> list[PrefetchLoader]:
+    loaders = [make_loader(rank=r, world_size=size, shard_size=2, **kwargs) for r in range(size)]
+    for loader in loaders:
+        if state is not None:
+            loader.load_state_dict(state)
+    return loaders
+
+
+@pytest.mark.parametrize("sizes", [(2, 1), (1, 2), (3, 2), (2, 3, 1)])
+def test_changing_the_world_size_mid_epoch_finishes_the_epoch_without_repeats(sizes):
+    full = [i for r in range(sizes[0]) for b in world(sizes[0])[r].batches(0) for i in b]
+    seen, state = [], None
+    for size in sizes[:-1]:
+        loaders = world(size, state)
+        seen += run_stretch(loaders, 0, 2)
+        state = loaders[0].state_dict()
+        assert all(lo.state_dict() == state for lo in loaders)  # ranks agree, so rank 0's state is the run's
+    last = world(sizes[-1], state)
+    seen += run_stretch(last, 0, None)
+    consumed = flat(seen)
+    assert not [i for i, n in Counter(consumed).items() if n > Counter(full)[i]]  # nothing seen twice
+    dropped = Counter(full) - Counter(consumed)  # at most the batches cut so that every rank has as many
+    assert sum(dropped.values()) <= sum(s - 1 for s in sizes[1:]) * 3
+    # the next epoch is the normal order for the new world size, whatever happened before
+    nxt = run_stretch(last, 1, None)
+    assert nxt == [b for r in range(sizes[-1]) for b in world(sizes[-1])[r].batches(1)]
+
+
+def test_the_same_world_size_resumes_the_exact_sequence_even_after_a_change():
+    two = world(2)
+    run_stretch(two, 0, 1)
+    one = world(1, two[0].state_dict())
+    run_stretch(one, 0, 2)
+    state = one[0].state_dict()
+    assert state["history"] == [[2, 1]] and state["world_size"] == 1
+    rest = run_stretch(one, 0, None)
+    again = run_stretch(world(1, state), 0, None)
+    assert again == rest
+
+
+@given(st.integers(1, 4), st.integers(1, 4), st.integers(0, 6), st.integers(1, 4))
+@settings(max_examples=40, deadline=None)
+def test_remainder_is_exactly_the_unreached_batches(old, new, done, batch_size):
+    from autosplit.loader import deal, remaining_batches
+
+    kw = dict(batch_size=batch_size, seed=5, epoch=0, repeat=2, shard_size=2, window=2)
+    per_rank = [epoch_batches(BUCKETS, rank=r, world_size=old, **kw) for r in range(old)]
+    done = min(done, len(per_rank[0]))
+    left = remaining_batches(BUCKETS, history=[[old, done]], **kw)
+    assert sorted(left) == sorted(b for batches in per_rank for b in batches[done:])
+    dealt = [deal(left, rank=r, world_size=new) for r in range(new)]
+    assert len({len(d) for d in dealt}) == 1 and len(left) - sum(map(len, dealt)) < new

@@ -137,3 +137,12 @@ def test_stage1_refuses_a_non_empty_foreign_folder(capsys, tmp_path, tiny_model)
     line = run_error(capsys, "--task", "sft:data_process", "--output_path", str(tmp_path / "c"))
     assert "not an autosplit cache" in line
     assert (tmp_path / "c" / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("argv, expected", [([], True), (["--find_unused_parameters"], True),
+                                            (["--find_unused_parameters", "false"], False)])
+def test_find_unused_parameters_flag_sets_the_config_key(argv, expected):
+    from autosplit.cli import build_parser, config_from_args
+
+    args = build_parser().parse_args(["run", *argv])
+    assert config_from_args(args).train.find_unused_parameters is expected
