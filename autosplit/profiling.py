@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from autosplit.graph import UnitContext
-from autosplit.adapters.base import component_from_config, is_module_component
+from autosplit.adapters.base import component_from_config, empty_component, is_module_component
 from autosplit.models import load_components
 from autosplit.profiler import Profile, fake_build, new_fake_mode, profile_graph, trace_graph
 from autosplit.session import Session
@@ -131,11 +131,7 @@ def profile_fake(session: Session, *, full_size: bool, image_size: tuple[int, in
 
 
 def _config_value(session: Session, root: Path | None, name: str, key: str) -> int:
-    from accelerate import init_empty_weights
-
-    with init_empty_weights():
-        module = component_from_config(session.adapter, root, name)
-    return int(module.config[key])
+    return int(empty_component(session.adapter, root, name).config[key])
 
 
 def _profile_key(session: Session, batch: dict[str, Any]) -> str:

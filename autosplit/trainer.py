@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from autosplit.adapters.base import empty_component
 from autosplit.cache import open_reader
 from autosplit.checkpoint import TrainState, checkpoint_root, latest_checkpoint, load_checkpoint, save_checkpoint
 from autosplit.data import Sample
@@ -95,7 +96,7 @@ def check_trainable_early(session: Session) -> None:
         return
     (name,) = session.trainable
     check_components_present(session, [name])
-    check_lora_targets(session.adapter.empty_component(session.model_root, name), lora_targets(session),
+    check_lora_targets(empty_component(session.adapter, session.model_root, name), lora_targets(session),
                        component=name)
 
 

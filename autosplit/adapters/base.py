@@ -43,8 +43,6 @@ class Adapter(Protocol):
 
     def load_component(self, root: Path, name: str, *, device: torch.device, dtype: torch.dtype) -> Any: ...
 
-    def empty_component(self, root: Path, name: str) -> torch.nn.Module: ...
-
     def family_units(self) -> list[Unit]: ...
 
     def value_layouts(self) -> dict[str, ValueLayout]: ...
@@ -108,6 +106,14 @@ def component_from_config(adapter: Adapter, root: Path | None, name: str, *,
         raise ModelError(f"the {adapter.name} family has no built-in full-size configuration; "
                          f"pass --model_paths with a diffusers folder (its configs are enough, no weights)")
     return config_only(root, name, overrides=overrides)
+
+
+def empty_component(adapter: Adapter, root: Path | None, name: str) -> torch.nn.Module:
+    """The component's module tree without weights (meta device): cheap even at 20 B parameters."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        return component_from_config(adapter, root, name)
 
 
 def config_only(root: Path, name: str, *, overrides: dict[str, Any] | None = None) -> torch.nn.Module:

@@ -102,14 +102,6 @@ class FluxAdapter:
                    "text_encoder_2": T5EncoderModel}
         return classes[name].from_pretrained(root / name, torch_dtype=dtype).to(device)
 
-    def empty_component(self, root: Path, name: str) -> torch.nn.Module:
-        from accelerate import init_empty_weights
-        from diffusers import FluxTransformer2DModel
-
-        assert name == "transformer", name
-        with init_empty_weights():
-            return FluxTransformer2DModel.from_config(FluxTransformer2DModel.load_config(root / name))
-
     def save_lora(self, output_dir: Path, state_dict: dict[str, torch.Tensor], *, weight_name: str,
                   metadata: dict[str, Any] | None = None) -> Path:
         from diffusers import FluxPipeline

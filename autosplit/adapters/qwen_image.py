@@ -188,13 +188,6 @@ class QwenImageAdapter:
         cls = {"transformer": QwenImageTransformer2DModel, "vae": AutoencoderKLQwenImage}[name]
         return cls.from_config(dict(overrides or {}))
 
-    def empty_component(self, root: Path, name: str) -> torch.nn.Module:
-        """The component's module tree without weights (meta device): cheap even at 20 B parameters."""
-        from accelerate import init_empty_weights
-
-        with init_empty_weights():
-            return self.component_from_config(root, name)
-
     def save_lora(self, output_dir: Path, state_dict: dict[str, torch.Tensor], *, weight_name: str,
                   metadata: dict[str, Any] | None = None) -> Path:
         from diffusers import QwenImagePipeline

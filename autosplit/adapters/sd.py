@@ -105,13 +105,6 @@ class StableDiffusionAdapter:
                    "text_encoder_2": CLIPTextModelWithProjection}
         return classes[name].from_pretrained(root / name, torch_dtype=dtype).to(device)
 
-    def empty_component(self, root: Path, name: str) -> torch.nn.Module:
-        from accelerate import init_empty_weights
-        from diffusers import UNet2DConditionModel
-
-        with init_empty_weights():
-            return UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(root / name))
-
     def save_lora(self, output_dir: Path, state_dict: dict[str, torch.Tensor], *, weight_name: str,
                   metadata: dict[str, Any] | None = None) -> Path:
         import diffusers

@@ -87,13 +87,6 @@ class WanAdapter:
         classes = {"transformer": WanTransformer3DModel, "vae": AutoencoderKLWan, "text_encoder": UMT5EncoderModel}
         return classes[name].from_pretrained(root / name, torch_dtype=dtype).to(device)
 
-    def empty_component(self, root: Path, name: str) -> torch.nn.Module:
-        from accelerate import init_empty_weights
-        from diffusers import WanTransformer3DModel
-
-        with init_empty_weights():
-            return WanTransformer3DModel.from_config(WanTransformer3DModel.load_config(root / name))
-
     def save_lora(self, output_dir: Path, state_dict: dict[str, torch.Tensor], *, weight_name: str,
                   metadata: dict[str, Any] | None = None) -> Path:
         from diffusers import WanPipeline
