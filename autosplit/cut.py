@@ -17,6 +17,7 @@ largest (optimal sets are closed under union, so it is unique).
 
 from __future__ import annotations
 
+import random
 from collections import deque
 from dataclasses import dataclass
 from itertools import count
@@ -175,3 +176,24 @@ def solve_mincut(problem: CutProblem) -> frozenset[str]:
     g.max_flow(s, t)
     stage2 = g.can_reach(t)
     return frozenset(u for u in problem.units if ("unit", u) not in stage2)
+
+
+def random_problem(rng: random.Random, num_units: int) -> CutProblem:
+    """A random DAG problem (~30% edge density, 25% forced units, up to 4 shared components) for
+    the solver tests and the planner benchmark."""
+    units = tuple(f"u{i}" for i in range(num_units))
+    producers = {u: frozenset(units[j] for j in range(i) if rng.random() < 0.3) for i, u in enumerate(units)}
+    forced = frozenset(u for u in units if rng.random() < 0.25)
+    unit_cost = {u: (rng.choice([0, 10, 1000, 50_000]), rng.choice([0, 5, 500])) for u in units}
+    components = {}
+    for c in range(rng.randint(0, 4)):
+        users = frozenset(u for u in units if rng.random() < 0.3)
+        if users:
+            components[f"c{c}"] = (rng.choice([100, 10_000, 1_000_000]), users)
+    values = {}
+    for u in units:
+        consumers = frozenset(v for v in units if u in producers[v])
+        if consumers:
+            sample = rng.choice([0, 64, 4096, 2_000_000])
+            values[f"{u}.out"] = (u, consumers, sample * 2, sample)
+    return CutProblem(units, forced, producers, unit_cost, components, values)

@@ -1,6 +1,6 @@
 """Planner speed: the min-cut solver plans a random 64-unit graph in < 100 ms (2-core CPU).
 
-The random problem is built like tests/test_cut.py's (a DAG with ~30% edge density, 25% forced
+The random problem is autosplit.cut.random_problem, shared with tests/test_cut.py (~30% edge density, 25% forced
 units, up to 4 shared components); the enumeration solver would need up to 2^48 visits here.
 """
 
@@ -8,28 +8,9 @@ from __future__ import annotations
 
 import random
 
-from autosplit.cut import CutProblem, solve_mincut
+from autosplit.cut import random_problem, solve_mincut
 
 BOUND_S = 0.100
-
-
-def random_problem(rng: random.Random, num_units: int) -> CutProblem:
-    units = tuple(f"u{i}" for i in range(num_units))
-    producers = {u: frozenset(units[j] for j in range(i) if rng.random() < 0.3) for i, u in enumerate(units)}
-    forced = frozenset(u for u in units if rng.random() < 0.25)
-    unit_cost = {u: (rng.choice([0, 10, 1000, 50_000]), rng.choice([0, 5, 500])) for u in units}
-    components = {}
-    for c in range(rng.randint(0, 4)):
-        users = frozenset(u for u in units if rng.random() < 0.3)
-        if users:
-            components[f"c{c}"] = (rng.choice([100, 10_000, 1_000_000]), users)
-    values = {}
-    for u in units:
-        consumers = frozenset(v for v in units if u in producers[v])
-        if consumers:
-            sample = rng.choice([0, 64, 4096, 2_000_000])
-            values[f"{u}.out"] = (u, consumers, sample * 2, sample)
-    return CutProblem(units, forced, producers, unit_cost, components, values)
 
 
 def test_mincut_64_units_under_100ms(benchmark):
