@@ -87,6 +87,8 @@ def _fake_components(session: Session, root: Path | None, fake_mode: Any,
         if only is not None and name not in only:
             continue
         source = root if root is not None and (root / name).is_dir() else tiny
+        if root is None and name == "scheduler" and getattr(session.adapter, "full_size_scheduler", None):
+            source = _full_size_scheduler_folder(session.adapter)
         if not is_module_component(source, name):  # tokenizers, schedulers: small, load them for real
             components.update(load_components(session.adapter, source, [name], device=torch.device("cpu"),
                                               dtype=session.dtype))
@@ -95,6 +97,19 @@ def _fake_components(session: Session, root: Path | None, fake_mode: Any,
             module = component_from_config(session.adapter, root, name, overrides=overrides.get(name))
             components[name] = module.requires_grad_(False).eval()
     return components
+
+
+def _full_size_scheduler_folder(adapter: Any) -> Path:
+    """A folder holding only the family's full-size `scheduler/scheduler_config.json`, loaded by the
+    adapter as from a pipeline folder (the tiny pipeline's scheduler may differ, e.g. SDXL's)."""
+    import json
+
+    folder = Path(tempfile.mkdtemp(prefix=f"autosplit-{adapter.name}-scheduler-"))
+    (folder / "scheduler").mkdir()
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(adapter.full_size_scheduler))
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": adapter.pipeline_class, "scheduler": [
+        "diffusers", adapter.full_size_scheduler["_class_name"]]}))
+    return folder
 
 
 def profile_fake(session: Session, *, full_size: bool, image_size: tuple[int, int] | None = None,

@@ -13,12 +13,31 @@ from typing import Any, Mapping
 import torch
 
 from autosplit.adapters import tiny
-from autosplit.adapters.base import ValueLayout
+from autosplit.adapters import full_size
+from autosplit.adapters.base import ValueLayout, config_only
 from autosplit.adapters.qwen_image import pack_latents, unpack_latents
 from autosplit.graph import Unit, UnitContext
 
 T5_TOKENS = 512  # FluxPipeline's max_sequence_length
 TRAIN_GUIDANCE = 3.5  # guidance of dev-style checkpoints in training, as DiffSynth-Studio and diffusers' scripts
+
+#: black-forest-labs/FLUX.1-dev, transformer/config.json (11.9 B parameters)
+FULL_SIZE_TRANSFORMER = dict(patch_size=1, in_channels=64, out_channels=None, num_layers=19, num_single_layers=38,
+                             attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096,
+                             pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=[16, 56, 56])
+#: FLUX.1-dev vae/config.json: 16 latent channels, no quant convs
+FULL_SIZE_VAE = {**full_size.SD_VAE, "latent_channels": 16, "sample_size": 1024, "scaling_factor": 0.3611,
+                 "shift_factor": 0.1159, "use_quant_conv": False, "use_post_quant_conv": False, "force_upcast": True}
+#: FLUX.1-dev scheduler/scheduler_config.json (FlowMatchEulerDiscreteScheduler)
+FULL_SIZE_SCHEDULER = dict(_class_name="FlowMatchEulerDiscreteScheduler", base_image_seq_len=256, base_shift=0.5,
+                           max_image_seq_len=4096, max_shift=1.15, num_train_timesteps=1000, shift=3.0,
+                           use_dynamic_shifting=True)
+FULL_SIZE_COMPONENTS = {
+    "transformer": ("diffusers", "FluxTransformer2DModel", FULL_SIZE_TRANSFORMER),
+    "vae": ("diffusers", "AutoencoderKL", FULL_SIZE_VAE),
+    "text_encoder": ("transformers", "CLIPTextModel", full_size.CLIP_L_TEXT),
+    "text_encoder_2": ("transformers", "T5EncoderModel", full_size.T5_XXL),
+}
 
 
 def encode_prompt(values: Mapping[str, Any], ctx: UnitContext) -> dict[str, Any]:
@@ -102,6 +121,16 @@ class FluxAdapter:
                    "text_encoder_2": T5EncoderModel}
         return classes[name].from_pretrained(root / name, torch_dtype=dtype).to(device)
 
+    # two kinds of repeated blocks (num_layers, num_single_layers): not extrapolated, traced in full
+    full_size_scheduler = FULL_SIZE_SCHEDULER
+
+    def component_from_config(self, root: Path | None, name: str, *,
+                              overrides: Mapping[str, Any] | None = None) -> torch.nn.Module:
+        """Build a component from its config alone; `root` None means FLUX.1-dev's full-size configuration."""
+        if root is not None:
+            return config_only(root, name, overrides=dict(overrides or {}))
+        return full_size.build(FULL_SIZE_COMPONENTS, self.name, name, overrides=overrides)
+
     def save_lora(self, output_dir: Path, state_dict: dict[str, torch.Tensor], *, weight_name: str,
                   metadata: dict[str, Any] | None = None) -> Path:
         from diffusers import FluxPipeline
@@ -118,8 +147,7 @@ class FluxAdapter:
         tokenizer, tokenizer_2 = tiny.clip_tokenizer(), tiny.t5_tokenizer(T5_TOKENS)
         torch.manual_seed(seed)
         pipe = FluxPipeline(
-            scheduler=FlowMatchEulerDiscreteScheduler(base_image_seq_len=256, base_shift=0.5, max_image_seq_len=4096,
-                                                      max_shift=1.15, shift=3.0, use_dynamic_shifting=True),
+            scheduler=FlowMatchEulerDiscreteScheduler.from_config(FULL_SIZE_SCHEDULER),
             vae=AutoencoderKL(block_out_channels=(8, 8, 8, 8), down_block_types=("DownEncoderBlock2D",) * 4,
                               up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, norm_num_groups=4,
                               layers_per_block=1, use_quant_conv=False, use_post_quant_conv=False,

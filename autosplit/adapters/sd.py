@@ -15,8 +15,46 @@ from typing import Any, Mapping
 import torch
 
 from autosplit.adapters import tiny
-from autosplit.adapters.base import ValueLayout
+from autosplit.adapters import full_size
+from autosplit.adapters.base import ValueLayout, config_only
 from autosplit.graph import Unit, UnitContext
+
+#: stable-diffusion-v1-5/stable-diffusion-v1-5, unet/config.json (860 M parameters)
+SD15_UNET = dict(sample_size=64, in_channels=4, out_channels=4, center_input_sample=False, flip_sin_to_cos=True,
+                 freq_shift=0, down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+                 up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3, block_out_channels=[320, 640, 1280, 1280],
+                 layers_per_block=2, downsample_padding=1, mid_block_scale_factor=1, act_fn="silu",
+                 norm_num_groups=32, norm_eps=1e-5, cross_attention_dim=768, attention_head_dim=8)
+#: stable-diffusion-v1-5 scheduler/scheduler_config.json (PNDM, epsilon; training noises with DDPM from it)
+SD15_SCHEDULER = dict(_class_name="PNDMScheduler", beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                      num_train_timesteps=1000, set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1,
+                      clip_sample=False, trained_betas=None)
+SD15_COMPONENTS = {
+    "unet": ("diffusers", "UNet2DConditionModel", SD15_UNET),
+    "vae": ("diffusers", "AutoencoderKL", full_size.SD_VAE),
+    "text_encoder": ("transformers", "CLIPTextModel", full_size.CLIP_L_TEXT),
+}
+#: stabilityai/stable-diffusion-xl-base-1.0, unet/config.json (2.57 B parameters)
+SDXL_UNET = dict(sample_size=128, in_channels=4, out_channels=4, flip_sin_to_cos=True, freq_shift=0,
+                 down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+                 up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+                 block_out_channels=[320, 640, 1280], layers_per_block=2, act_fn="silu", norm_num_groups=32,
+                 norm_eps=1e-5, cross_attention_dim=2048, transformer_layers_per_block=[1, 2, 10],
+                 attention_head_dim=[5, 10, 20], use_linear_projection=True, addition_embed_type="text_time",
+                 addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816)
+#: stable-diffusion-xl-base-1.0 vae/config.json
+SDXL_VAE = {**full_size.SD_VAE, "sample_size": 1024, "scaling_factor": 0.13025, "force_upcast": True}
+#: stable-diffusion-xl-base-1.0 scheduler/scheduler_config.json (Euler, epsilon)
+SDXL_SCHEDULER = dict(_class_name="EulerDiscreteScheduler", beta_start=0.00085, beta_end=0.012,
+                      beta_schedule="scaled_linear", num_train_timesteps=1000, prediction_type="epsilon",
+                      steps_offset=1, timestep_spacing="leading", interpolation_type="linear",
+                      use_karras_sigmas=False, trained_betas=None)
+SDXL_COMPONENTS = {
+    "unet": ("diffusers", "UNet2DConditionModel", SDXL_UNET),
+    "vae": ("diffusers", "AutoencoderKL", SDXL_VAE),
+    "text_encoder": ("transformers", "CLIPTextModel", full_size.CLIP_L_TEXT),
+    "text_encoder_2": ("transformers", "CLIPTextModelWithProjection", full_size.CLIP_BIGG_TEXT),
+}
 
 
 def _clip_states(tokenizer: Any, encoder: Any, prompts: list[str], ctx: UnitContext) -> Any:
@@ -105,6 +143,18 @@ class StableDiffusionAdapter:
                    "text_encoder_2": CLIPTextModelWithProjection}
         return classes[name].from_pretrained(root / name, torch_dtype=dtype).to(device)
 
+    # the UNet's blocks differ in width per resolution: no single repeated-block key, traced in full
+    full_size_scheduler = SD15_SCHEDULER
+    full_size_components = SD15_COMPONENTS
+
+    def component_from_config(self, root: Path | None, name: str, *,
+                              overrides: Mapping[str, Any] | None = None) -> torch.nn.Module:
+        """Build a component from its config alone; `root` None means the full-size configuration
+        (Stable Diffusion 1.5, or SDXL base 1.0 for the `sdxl` family)."""
+        if root is not None:
+            return config_only(root, name, overrides=dict(overrides or {}))
+        return full_size.build(self.full_size_components, self.name, name, overrides=overrides)
+
     def save_lora(self, output_dir: Path, state_dict: dict[str, torch.Tensor], *, weight_name: str,
                   metadata: dict[str, Any] | None = None) -> Path:
         import diffusers
@@ -149,3 +199,5 @@ class StableDiffusionXLAdapter(StableDiffusionAdapter):
     name = "sdxl"
     pipeline_class = "StableDiffusionXLPipeline"
     xl = True
+    full_size_scheduler = SDXL_SCHEDULER
+    full_size_components = SDXL_COMPONENTS

@@ -14,10 +14,31 @@ from typing import Any, Mapping
 import torch
 
 from autosplit.adapters import tiny
-from autosplit.adapters.base import ValueLayout
+from autosplit.adapters import full_size
+from autosplit.adapters.base import ValueLayout, config_only
 from autosplit.graph import Unit, UnitContext
 
 TEXT_TOKENS = 512  # WanPipeline's max_sequence_length
+
+#: Wan-AI/Wan2.1-T2V-1.3B-Diffusers, transformer/config.json (1.42 B parameters)
+FULL_SIZE_TRANSFORMER = dict(patch_size=[1, 2, 2], num_attention_heads=12, attention_head_dim=128, in_channels=16,
+                             out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30,
+                             cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, image_dim=None,
+                             added_kv_proj_dim=None, rope_max_seq_len=1024)
+#: Wan2.1-T2V-1.3B-Diffusers vae/config.json (the Wan 2.1 VAE; latents_mean/std are the class defaults,
+#: which are the published values)
+FULL_SIZE_VAE = dict(base_dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
+                     temperal_downsample=[False, True, True], dropout=0.0)
+#: Wan2.1-T2V-1.3B-Diffusers scheduler/scheduler_config.json (UniPC with flow sigmas, shift 3)
+FULL_SIZE_SCHEDULER = dict(_class_name="UniPCMultistepScheduler", num_train_timesteps=1000, beta_start=0.0001,
+                           beta_end=0.02, beta_schedule="linear", prediction_type="flow_prediction",
+                           use_flow_sigmas=True, flow_shift=3.0, solver_order=2, solver_type="bh2",
+                           predict_x0=True, lower_order_final=True, final_sigmas_type="zero")
+FULL_SIZE_COMPONENTS = {
+    "transformer": ("diffusers", "WanTransformer3DModel", FULL_SIZE_TRANSFORMER),
+    "vae": ("diffusers", "AutoencoderKLWan", FULL_SIZE_VAE),
+    "text_encoder": ("transformers", "UMT5EncoderModel", full_size.UMT5_XXL),
+}
 
 
 def encode_prompt(values: Mapping[str, Any], ctx: UnitContext) -> dict[str, Any]:
@@ -86,6 +107,17 @@ class WanAdapter:
             return getattr(diffusers, config["_class_name"]).from_config(config)
         classes = {"transformer": WanTransformer3DModel, "vae": AutoencoderKLWan, "text_encoder": UMT5EncoderModel}
         return classes[name].from_pretrained(root / name, torch_dtype=dtype).to(device)
+
+    #: blocks that repeat, by component: config key of their count (for profiling by extrapolation)
+    repeated_blocks = {"transformer": "num_layers"}
+    full_size_scheduler = FULL_SIZE_SCHEDULER
+
+    def component_from_config(self, root: Path | None, name: str, *,
+                              overrides: Mapping[str, Any] | None = None) -> torch.nn.Module:
+        """Build a component from its config alone; `root` None means Wan 2.1 T2V 1.3B's full-size configuration."""
+        if root is not None:
+            return config_only(root, name, overrides=dict(overrides or {}))
+        return full_size.build(FULL_SIZE_COMPONENTS, self.name, name, overrides=overrides)
 
     def save_lora(self, output_dir: Path, state_dict: dict[str, torch.Tensor], *, weight_name: str,
                   metadata: dict[str, Any] | None = None) -> Path:
