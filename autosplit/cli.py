@@ -18,6 +18,7 @@ import torch
 
 from autosplit.config import SEED_FLAGS, RunConfig, load_config
 from autosplit.errors import AutosplitError, CacheError, ConfigError
+from autosplit.storage import fetch, is_remote, local_path, upload
 
 log = logging.getLogger("autosplit")
 
@@ -111,6 +112,9 @@ def run_command(args: argparse.Namespace) -> int:
 
     config = config_from_args(args)
     session = open_session(config)
+    if session.mode != "data_process" and is_remote(config.output_path):
+        raise ConfigError(f"--output_path {config.output_path}: LoRA and logs are written to a local folder; "
+                          f"a URL is taken as the cache of --task sft:data_process (or use --cache_path URL)")
     output = Path(config.output_path)
     if session.mode != "data_process":
         check_trainable_early(session)
@@ -123,9 +127,12 @@ def run_command(args: argparse.Namespace) -> int:
             raise ConfigError("--task sft:data_process writes a cache; drop --no-split")
         samples = session.samples()
         if session.mode == "data_process" or plan.split:
-            cache = output if session.mode == "data_process" else _cache_path(config)
+            location = config.output_path if session.mode == "data_process" else _cache_location(config)
+            cache = local_path(location)
             manifest = run_stage1(session, plan, samples, cache, replace_stale=session.mode == "")
-            print(f"stage 1: {manifest['num_samples']} samples cached in {cache}")
+            if is_remote(location) and _is_main_process():
+                upload(cache, location)
+            print(f"stage 1: {manifest['num_samples']} samples cached in {location}")
             if session.mode == "data_process":
                 return 0
             result = train(session, plan, output, cache_path=cache)
@@ -140,8 +147,15 @@ def run_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cache_path(config: RunConfig) -> Path:
-    return Path(config.cache.path) if config.cache.path else Path(config.output_path) / "cache"
+def _cache_location(config: RunConfig) -> str:
+    """Where `--task sft` keeps its cache: cache.path (a folder or an fsspec URL) or OUTPUT/cache."""
+    return config.cache.path or str(Path(config.output_path) / "cache")
+
+
+def _is_main_process() -> bool:
+    from accelerate import PartialState
+
+    return PartialState().is_main_process
 
 
 def _stage2_cache(config: RunConfig, session: Any) -> tuple[Path, Any]:
@@ -152,7 +166,7 @@ def _stage2_cache(config: RunConfig, session: Any) -> tuple[Path, Any]:
 
     if not config.data.base_path:
         raise ConfigError("--task sft:train reads a cache: pass --dataset_base_path <the stage-1 output_path>")
-    cache = Path(config.data.base_path)
+    cache = fetch(config.data.base_path) if is_remote(config.data.base_path) else local_path(config.data.base_path)
     reader = CacheReader(cache)
     plan = reader.plan
     plan.check_graph(session.graph)
@@ -304,7 +318,7 @@ def add_inspect_parser(subparsers: Any) -> None:
     parser = subparsers.add_parser("inspect", help="describe (and verify) a cache",
                                    description="Print a cache's schema, size, compression, completeness and "
                                                "fingerprints as JSON.")
-    parser.add_argument("cache", type=Path, help="cache folder")
+    parser.add_argument("cache", help="cache folder, or an fsspec URL (memory://..., s3://...)")
     parser.add_argument("--verify", action="store_true",
                         help="read every chunk and check every checksum; exit 2 naming the array and sample of "
                              "each failure")
@@ -314,6 +328,7 @@ def add_inspect_parser(subparsers: Any) -> None:
 def inspect_command(args: argparse.Namespace) -> int:
     from autosplit.cache import describe_cache, verify_cache
 
+    args.cache = fetch(str(args.cache)) if is_remote(str(args.cache)) else local_path(str(args.cache))
     print(json.dumps(describe_cache(args.cache), indent=2))
     if not args.verify:
         return 0
