@@ -97,15 +97,33 @@ def is_module_component(root: Path, name: str) -> bool:
 def component_from_config(adapter: Adapter, root: Path | None, name: str, *,
                           overrides: dict[str, Any] | None = None) -> torch.nn.Module:
     """Build a component from its config alone (random init, in the current default dtype, device
-    and mode): the adapter's own builder if it has one (full-size configs when `root` is None),
-    else the class model_index.json names, from `root/name/config.json`."""
+    and mode): from `root/name/config.json` (the class model_index.json names), or with `root` None
+    from the adapter's built-in full-size table `full_size_components` (or its own
+    `component_from_config`, as Qwen-Image's)."""
     own = getattr(adapter, "component_from_config", None)
     if own is not None:
         return own(root, name, overrides=overrides)
-    if root is None:
+    if root is not None:
+        return config_only(root, name, overrides=overrides)
+    table = getattr(adapter, "full_size_components", None)
+    if table is None:
         raise ModelError(f"the {adapter.name} family has no built-in full-size configuration; "
                          f"pass --model_paths with a diffusers folder (its configs are enough, no weights)")
-    return config_only(root, name, overrides=overrides)
+    from autosplit.adapters import full_size
+
+    return full_size.build(table, adapter.name, name, overrides=overrides)
+
+
+def save_lora_with_pipeline(adapter: Adapter, output_dir: Path, state_dict: dict[str, torch.Tensor], *,
+                            component: str, weight_name: str, metadata: dict[str, Any] | None = None) -> Path:
+    """Save a LoRA of `component` ("transformer" or "unet") with the family's diffusers pipeline
+    class, so the same pipeline's `load_lora_weights` reads it."""
+    import diffusers
+
+    pipeline = getattr(diffusers, adapter.pipeline_class)
+    pipeline.save_lora_weights(output_dir, weight_name=weight_name, **{f"{component}_lora_layers": state_dict,
+                                                                      f"{component}_lora_adapter_metadata": metadata})
+    return output_dir / weight_name
 
 
 def empty_component(adapter: Adapter, root: Path | None, name: str) -> torch.nn.Module:

@@ -14,7 +14,7 @@ import torch
 
 from autosplit.adapters import tiny
 from autosplit.adapters import full_size
-from autosplit.adapters.base import ValueLayout, config_only
+from autosplit.adapters.base import ValueLayout, save_lora_with_pipeline
 from autosplit.adapters.qwen_image import pack_latents, unpack_latents
 from autosplit.graph import Unit, UnitContext
 
@@ -123,21 +123,12 @@ class FluxAdapter:
 
     # two kinds of repeated blocks (num_layers, num_single_layers): not extrapolated, traced in full
     full_size_scheduler = FULL_SIZE_SCHEDULER
-
-    def component_from_config(self, root: Path | None, name: str, *,
-                              overrides: Mapping[str, Any] | None = None) -> torch.nn.Module:
-        """Build a component from its config alone; `root` None means FLUX.1-dev's full-size configuration."""
-        if root is not None:
-            return config_only(root, name, overrides=dict(overrides or {}))
-        return full_size.build(FULL_SIZE_COMPONENTS, self.name, name, overrides=overrides)
+    full_size_components = FULL_SIZE_COMPONENTS
 
     def save_lora(self, output_dir: Path, state_dict: dict[str, torch.Tensor], *, weight_name: str,
                   metadata: dict[str, Any] | None = None) -> Path:
-        from diffusers import FluxPipeline
-
-        FluxPipeline.save_lora_weights(output_dir, transformer_lora_layers=state_dict, weight_name=weight_name,
-                                       transformer_lora_adapter_metadata=metadata)
-        return output_dir / weight_name
+        return save_lora_with_pipeline(self, output_dir, state_dict, component="transformer", weight_name=weight_name,
+                                       metadata=metadata)
 
     def write_tiny(self, root: Path, *, seed: int) -> None:
         """Write a tiny random-init dev-style FLUX pipeline (guidance embedding on) to `root`."""

@@ -16,7 +16,7 @@ import torch
 
 from autosplit.adapters import tiny
 from autosplit.adapters import full_size
-from autosplit.adapters.base import ValueLayout, config_only
+from autosplit.adapters.base import ValueLayout, save_lora_with_pipeline
 from autosplit.graph import Unit, UnitContext
 
 #: stable-diffusion-v1-5/stable-diffusion-v1-5, unet/config.json (860 M parameters)
@@ -147,22 +147,10 @@ class StableDiffusionAdapter:
     full_size_scheduler = SD15_SCHEDULER
     full_size_components = SD15_COMPONENTS
 
-    def component_from_config(self, root: Path | None, name: str, *,
-                              overrides: Mapping[str, Any] | None = None) -> torch.nn.Module:
-        """Build a component from its config alone; `root` None means the full-size configuration
-        (Stable Diffusion 1.5, or SDXL base 1.0 for the `sdxl` family)."""
-        if root is not None:
-            return config_only(root, name, overrides=dict(overrides or {}))
-        return full_size.build(self.full_size_components, self.name, name, overrides=overrides)
-
     def save_lora(self, output_dir: Path, state_dict: dict[str, torch.Tensor], *, weight_name: str,
                   metadata: dict[str, Any] | None = None) -> Path:
-        import diffusers
-
-        pipeline = getattr(diffusers, self.pipeline_class)
-        pipeline.save_lora_weights(output_dir, unet_lora_layers=state_dict, weight_name=weight_name,
-                                   unet_lora_adapter_metadata=metadata)
-        return output_dir / weight_name
+        return save_lora_with_pipeline(self, output_dir, state_dict, component="unet", weight_name=weight_name,
+                                       metadata=metadata)
 
     def write_tiny(self, root: Path, *, seed: int) -> None:
         """Write a tiny random-init pipeline: SD 1.5 layout (PNDM, epsilon) or SDXL (Euler, v-prediction)."""

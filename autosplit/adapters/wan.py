@@ -15,7 +15,7 @@ import torch
 
 from autosplit.adapters import tiny
 from autosplit.adapters import full_size
-from autosplit.adapters.base import ValueLayout, config_only
+from autosplit.adapters.base import ValueLayout, save_lora_with_pipeline
 from autosplit.graph import Unit, UnitContext
 
 TEXT_TOKENS = 512  # WanPipeline's max_sequence_length
@@ -111,21 +111,12 @@ class WanAdapter:
     #: blocks that repeat, by component: config key of their count (for profiling by extrapolation)
     repeated_blocks = {"transformer": "num_layers"}
     full_size_scheduler = FULL_SIZE_SCHEDULER
-
-    def component_from_config(self, root: Path | None, name: str, *,
-                              overrides: Mapping[str, Any] | None = None) -> torch.nn.Module:
-        """Build a component from its config alone; `root` None means Wan 2.1 T2V 1.3B's full-size configuration."""
-        if root is not None:
-            return config_only(root, name, overrides=dict(overrides or {}))
-        return full_size.build(FULL_SIZE_COMPONENTS, self.name, name, overrides=overrides)
+    full_size_components = FULL_SIZE_COMPONENTS
 
     def save_lora(self, output_dir: Path, state_dict: dict[str, torch.Tensor], *, weight_name: str,
                   metadata: dict[str, Any] | None = None) -> Path:
-        from diffusers import WanPipeline
-
-        WanPipeline.save_lora_weights(output_dir, transformer_lora_layers=state_dict, weight_name=weight_name,
-                                      transformer_lora_adapter_metadata=metadata)
-        return output_dir / weight_name
+        return save_lora_with_pipeline(self, output_dir, state_dict, component="transformer", weight_name=weight_name,
+                                       metadata=metadata)
 
     def write_tiny(self, root: Path, *, seed: int) -> None:
         """Write a tiny random-init Wan 2.1 T2V pipeline (UniPC flow scheduler, shift 3) to `root`."""

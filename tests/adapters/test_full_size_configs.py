@@ -16,7 +16,7 @@ import pytest
 import torch
 from accelerate import init_empty_weights
 
-from autosplit.adapters.base import empty_component, get_adapter
+from autosplit.adapters.base import component_from_config, empty_component, get_adapter
 
 CLIP_L, CLIP_BIGG, SD_VAE = 123_060_480, 694_659_840, 83_653_863
 # transformers 5 builds T5/UMT5 encoders with `encoder.embed_tokens` untied from `shared` when the
@@ -73,5 +73,5 @@ def test_full_size_schedulers_are_the_published_objective(family, objective, tmp
 
 def test_overrides_apply_to_full_size_configs():
     with init_empty_weights():
-        module = get_adapter("wan").component_from_config(None, "transformer", overrides={"num_layers": 1})
+        module = component_from_config(get_adapter("wan"), None, "transformer", overrides={"num_layers": 1})
     assert len(module.blocks) == 1
