@@ -49,7 +49,7 @@ _FLAG_HELP = {
     "dtype": "weights dtype: auto, float32, bfloat16, float16",
     "cache_path": "cache folder for --task sft (default: OUTPUT_PATH/cache)",
     "profile": "how the planner measures units: fake (configs only, no weights), real (weights), none",
-    "vram_budget": "GPU memory (GiB) stage 2 must fit; the plan says whether it does",
+    "vram_budget": "GPU memory (GiB) stage 2 must fit; plan and run say whether it does before any work",
 }
 
 
@@ -123,6 +123,7 @@ def run_command(args: argparse.Namespace) -> int:
         result = train(session, plan, output, cache_path=cache)
     else:
         plan = session.plan()
+        _say_budget(plan, config.plan.vram_budget_gib)
         if session.mode == "data_process" and not plan.split:
             raise ConfigError("--task sft:data_process writes a cache; drop --no-split")
         samples = session.samples()
@@ -145,6 +146,16 @@ def run_command(args: argparse.Namespace) -> int:
     print(f"stage 2: {result.steps} steps in {result.seconds:.1f} s; loss {first:.4f} -> {last:.4f} "
           f"(mean of the first and last {tenth} steps); weights in {result.output}")
     return 0
+
+
+def _say_budget(plan: Any, budget_gib: float) -> None:
+    """With --vram_budget, say (before any work) whether the predicted stage 2 fits."""
+    from autosplit.report import plan_summary, with_budget
+
+    if budget_gib and plan.predicted:
+        plan = dataclasses.replace(plan, predicted=with_budget(plan.predicted, budget_gib))
+        line = plan_summary(plan)[-1]
+        (log.warning if not plan.predicted["fits_budget"] else log.info)("%s", line)
 
 
 def _cache_location(config: RunConfig) -> str:

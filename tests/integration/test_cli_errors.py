@@ -146,3 +146,14 @@ def test_find_unused_parameters_flag_sets_the_config_key(argv, expected):
 
     args = build_parser().parse_args(["run", *argv])
     assert config_from_args(args).train.find_unused_parameters is expected
+
+
+def test_run_says_before_any_work_when_stage2_will_not_fit_the_budget(tmp_path, tiny_model, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="autosplit")
+    assert main(["run", "--output_path", str(tmp_path / "o"), "--max_steps", "1", "--vram_budget", "0.001"]) == 0
+    assert "budget 1.02 MiB: stage 2 does NOT fit" in caplog.text
+    caplog.clear()
+    assert main(["run", "--output_path", str(tmp_path / "o"), "--max_steps", "1", "--vram_budget", "48"]) == 0
+    assert "budget 48.00 GiB: stage 2 fits with" in caplog.text
