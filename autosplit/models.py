@@ -19,7 +19,6 @@ from autosplit.errors import ConfigError, ModelError
 
 log = logging.getLogger(__name__)
 
-NON_MODULE_COMPONENTS = ("tokenizer", "scheduler")
 _SAMPLE_BYTES = 1 << 20  # bytes hashed at each of the start, middle and end of a large file
 
 

@@ -15,6 +15,7 @@ values every step instead of reading them from a cache, which is the baseline sp
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -314,17 +315,4 @@ def predict(plan: Plan, profile: Profile, *, batch_size: int = 1) -> dict[str, A
 
 
 def replace_predicted(plan: Plan, predicted: dict[str, Any]) -> Plan:
-    return Plan(plan.pipeline, plan.task, plan.split, plan.trainable, plan.units, plan.cached, plan.settings,
-                predicted, plan.version)
-
-
-def with_measured_values(plan: Plan, measured: dict[str, tuple[tuple[int, ...], str, int]]) -> Plan:
-    """Return `plan` with shape, dtype and bytes per sample filled in for each cached value."""
-    cached = []
-    for v in plan.cached:
-        if v.name in measured:
-            shape, dtype, nbytes = measured[v.name]
-            v = CachedValue(v.name, v.producer, v.ragged_axis, v.max_len, tuple(shape), dtype, nbytes)
-        cached.append(v)
-    return Plan(plan.pipeline, plan.task, plan.split, plan.trainable, plan.units, tuple(cached),
-                plan.settings, plan.predicted, plan.version)
+    return dataclasses.replace(plan, predicted=predicted)

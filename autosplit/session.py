@@ -15,7 +15,7 @@ import torch
 from autosplit.adapters.base import Adapter, get_adapter, read_model_index
 from autosplit.builtin import builtin_dataset_root, builtin_distill_root, builtin_model_root
 from autosplit.config import RunConfig
-from autosplit.data import Sample, read_dataset, sample_fingerprint
+from autosplit.data import Sample, read_dataset
 from autosplit.errors import ConfigError
 from autosplit.graph import UnitGraph
 from autosplit.models import fingerprint_component
@@ -100,10 +100,6 @@ def expand_variants(samples: list[Sample], variants: int) -> list[Sample]:
     if variants <= 0:
         return samples
     return [dataclasses.replace(s, extras={**s.extras, "variant": k}) for s in samples for k in range(variants)]
-
-
-def source_hashes(samples: list[Sample]) -> list[bytes]:
-    return [bytes.fromhex(sample_fingerprint(s)) for s in samples]
 
 
 #: key entries that depend on which samples the dataset holds; a cache differing only in these can

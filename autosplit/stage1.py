@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from autosplit.cache import Bucket, CacheReader, CacheWriter, _read_manifest, make_buckets
+from autosplit.cache import CacheReader, CacheWriter, _read_manifest, make_buckets
 from autosplit.data import Sample, source_digest
 from autosplit.errors import CacheError
 from autosplit.graph import Unit, UnitContext, run_units
@@ -238,9 +238,3 @@ def _producer(session: Session, plan: Plan, samples: list[Sample], reuse: Path |
         log.info("updating cache %s: %d of %d samples are unchanged and copied", reuse,
                  sum(source_digest(s).source in where for s in samples), len(samples))
     return produce
-
-
-def measured_values(outputs: Mapping[str, torch.Tensor]) -> dict[str, tuple[tuple[int, ...], str, int]]:
-    """(shape, dtype, bytes) of each per-sample value, for plan tables."""
-    return {name: (tuple(t.shape), str(t.dtype).removeprefix("torch."), t.numel() * t.element_size())
-            for name, t in outputs.items()}
