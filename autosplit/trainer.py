@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from autosplit.adapters.base import empty_component
+from autosplit.adapters.base import empty_component, save_lora
 from autosplit.cache import open_reader
 from autosplit.checkpoint import TrainState, checkpoint_root, latest_checkpoint, load_checkpoint, save_checkpoint
 from autosplit.data import Sample
@@ -352,5 +352,6 @@ def _save(session: Session, accelerator: Any, model: torch.nn.Module, output: Pa
     state = get_peft_model_state_dict(model)
     if accelerator.is_main_process:
         metadata = model.peft_config["default"].to_dict() if hasattr(model, "peft_config") else None
-        session.adapter.save_lora(output, state, weight_name=LORA_WEIGHT_NAME, metadata=metadata)
+        save_lora(session.adapter, output, state, component=session.trainable[0], weight_name=LORA_WEIGHT_NAME,
+                  metadata=metadata)
     return weights_digest(state)

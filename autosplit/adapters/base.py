@@ -49,9 +49,6 @@ class Adapter(Protocol):
 
     def write_tiny(self, root: Path, *, seed: int) -> None: ...
 
-    def save_lora(self, output_dir: Path, state_dict: dict[str, torch.Tensor], *, weight_name: str,
-                  metadata: dict[str, Any] | None = None) -> Path: ...
-
 
 def read_model_index(root: Path, *, adapter: Adapter, components: list[str]) -> dict[str, Any]:
     """Check that `root` is a diffusers folder of the adapter's family holding `components`.
@@ -114,10 +111,10 @@ def component_from_config(adapter: Adapter, root: Path | None, name: str, *,
     return full_size.build(table, adapter.name, name, overrides=overrides)
 
 
-def save_lora_with_pipeline(adapter: Adapter, output_dir: Path, state_dict: dict[str, torch.Tensor], *,
-                            component: str, weight_name: str, metadata: dict[str, Any] | None = None) -> Path:
-    """Save a LoRA of `component` ("transformer" or "unet") with the family's diffusers pipeline
-    class, so the same pipeline's `load_lora_weights` reads it."""
+def save_lora(adapter: Adapter, output_dir: Path, state_dict: dict[str, torch.Tensor], *,
+              component: str, weight_name: str, metadata: dict[str, Any] | None = None) -> Path:
+    """Save a LoRA of the trained `component` ("transformer" or "unet") with the family's diffusers
+    pipeline class, so the same pipeline's `load_lora_weights` reads it."""
     import diffusers
 
     pipeline = getattr(diffusers, adapter.pipeline_class)

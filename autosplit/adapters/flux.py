@@ -14,7 +14,7 @@ import torch
 
 from autosplit.adapters import tiny
 from autosplit.adapters import full_size
-from autosplit.adapters.base import ValueLayout, save_lora_with_pipeline
+from autosplit.adapters.base import ValueLayout
 from autosplit.adapters.qwen_image import pack_latents, unpack_latents
 from autosplit.graph import Unit, UnitContext
 
@@ -124,11 +124,6 @@ class FluxAdapter:
     # two kinds of repeated blocks (num_layers, num_single_layers): not extrapolated, traced in full
     full_size_scheduler = FULL_SIZE_SCHEDULER
     full_size_components = FULL_SIZE_COMPONENTS
-
-    def save_lora(self, output_dir: Path, state_dict: dict[str, torch.Tensor], *, weight_name: str,
-                  metadata: dict[str, Any] | None = None) -> Path:
-        return save_lora_with_pipeline(self, output_dir, state_dict, component="transformer", weight_name=weight_name,
-                                       metadata=metadata)
 
     def write_tiny(self, root: Path, *, seed: int) -> None:
         """Write a tiny random-init dev-style FLUX pipeline (guidance embedding on) to `root`."""

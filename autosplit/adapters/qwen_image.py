@@ -188,14 +188,6 @@ class QwenImageAdapter:
         cls = {"transformer": QwenImageTransformer2DModel, "vae": AutoencoderKLQwenImage}[name]
         return cls.from_config(dict(overrides or {}))
 
-    def save_lora(self, output_dir: Path, state_dict: dict[str, torch.Tensor], *, weight_name: str,
-                  metadata: dict[str, Any] | None = None) -> Path:
-        from diffusers import QwenImagePipeline
-
-        QwenImagePipeline.save_lora_weights(output_dir, transformer_lora_layers=state_dict, weight_name=weight_name,
-                                            transformer_lora_adapter_metadata=metadata)
-        return output_dir / weight_name
-
     def write_tiny(self, root: Path, *, seed: int) -> None:
         """Write a tiny random-init Qwen-Image pipeline folder (diffusers layout) to `root`.
 

@@ -16,7 +16,7 @@ import torch
 
 from autosplit.adapters import tiny
 from autosplit.adapters import full_size
-from autosplit.adapters.base import ValueLayout, save_lora_with_pipeline
+from autosplit.adapters.base import ValueLayout
 from autosplit.graph import Unit, UnitContext
 
 #: stable-diffusion-v1-5/stable-diffusion-v1-5, unet/config.json (860 M parameters)
@@ -146,11 +146,6 @@ class StableDiffusionAdapter:
     # the UNet's blocks differ in width per resolution: no single repeated-block key, traced in full
     full_size_scheduler = SD15_SCHEDULER
     full_size_components = SD15_COMPONENTS
-
-    def save_lora(self, output_dir: Path, state_dict: dict[str, torch.Tensor], *, weight_name: str,
-                  metadata: dict[str, Any] | None = None) -> Path:
-        return save_lora_with_pipeline(self, output_dir, state_dict, component="unet", weight_name=weight_name,
-                                       metadata=metadata)
 
     def write_tiny(self, root: Path, *, seed: int) -> None:
         """Write a tiny random-init pipeline: SD 1.5 layout (PNDM, epsilon) or SDXL (Euler, v-prediction)."""

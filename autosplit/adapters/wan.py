@@ -15,7 +15,7 @@ import torch
 
 from autosplit.adapters import tiny
 from autosplit.adapters import full_size
-from autosplit.adapters.base import ValueLayout, save_lora_with_pipeline
+from autosplit.adapters.base import ValueLayout
 from autosplit.graph import Unit, UnitContext
 
 TEXT_TOKENS = 512  # WanPipeline's max_sequence_length
@@ -112,11 +112,6 @@ class WanAdapter:
     repeated_blocks = {"transformer": "num_layers"}
     full_size_scheduler = FULL_SIZE_SCHEDULER
     full_size_components = FULL_SIZE_COMPONENTS
-
-    def save_lora(self, output_dir: Path, state_dict: dict[str, torch.Tensor], *, weight_name: str,
-                  metadata: dict[str, Any] | None = None) -> Path:
-        return save_lora_with_pipeline(self, output_dir, state_dict, component="transformer", weight_name=weight_name,
-                                       metadata=metadata)
 
     def write_tiny(self, root: Path, *, seed: int) -> None:
         """Write a tiny random-init Wan 2.1 T2V pipeline (UniPC flow scheduler, shift 3) to `root`."""
