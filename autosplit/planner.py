@@ -24,7 +24,9 @@ from typing import Any
 from autosplit.cut import CutProblem, solve_enumerate, solve_mincut
 from autosplit.errors import PlanError
 from autosplit.graph import Unit, UnitGraph
-from autosplit.profiler import Profile
+from autosplit.fission import (MAX_GRAPH_BYTES, graph_name, recording_unit, replay_inputs, replay_unit,
+                               split_outputs)
+from autosplit.profiler import FissionProfile, Profile
 
 PLAN_FORMAT_VERSION = 1
 
@@ -42,6 +44,11 @@ class UnitPlacement:
     seconds: float | None = None
     needs_grad: bool | None = None
     random_ops: tuple[str, ...] = ()
+    #: split inside (stage 1 caches its clean part; stage 2 replays these random outputs)
+    replays: tuple[str, ...] = ()
+    #: clean outputs the replay reads, and how many frontier tensors it reads (see autosplit.fission)
+    replay_reads: tuple[str, ...] = ()
+    frontier: int = 0
 
 
 @dataclass(frozen=True)
@@ -77,7 +84,20 @@ class Plan:
     version: int = PLAN_FORMAT_VERSION
 
     def stage_units(self, stage: int) -> list[str]:
-        return [u.name for u in self.units if u.stage == stage]
+        """Units that run in `stage`, in order; a split unit is in both (its replay in stage 2)."""
+        return [u.name for u in self.units if u.stage == stage or (stage == 2 and u.replays)]
+
+    def runnable_units(self, graph: UnitGraph, stage: int) -> list[Unit]:
+        """The units `stage` runs, from `graph`: a split unit records (stage 1) or replays (stage 2)."""
+        units = []
+        for placement in self.units:
+            unit = graph[placement.name]
+            if placement.replays and placement.stage == 1:
+                make = recording_unit if stage == 1 else replay_unit
+                units.append(make(unit, placement.replays, placement.frontier, placement.replay_reads))
+            elif placement.stage == stage:
+                units.append(unit)
+        return units
 
     def components(self, stage: int) -> list[str]:
         """Components that `stage` must build, in first-use order."""
@@ -91,7 +111,7 @@ class Plan:
         """The decision alone (placements and cached values), without measurements or settings:
         what a cache made under this plan depends on."""
         return {"pipeline": self.pipeline, "task": self.task, "trainable": list(self.trainable),
-                "units": [[u.name, u.stage, list(u.components)] for u in self.units],
+                "units": [[u.name, u.stage, list(u.components), list(u.replays)] for u in self.units],
                 "cached": [[v.name, v.producer, v.ragged_axis, v.max_len] for v in self.cached]}
 
     def cached_value(self, name: str) -> CachedValue:
@@ -109,7 +129,9 @@ class Plan:
             pipeline=data["pipeline"], task=data["task"], split=data["split"],
             trainable=tuple(data["trainable"]),
             units=tuple(UnitPlacement(**{**u, "components": tuple(u["components"]),
-                                         "random_ops": tuple(u.get("random_ops", ()))}) for u in data["units"]),
+                                         "random_ops": tuple(u.get("random_ops", ())),
+                                         "replays": tuple(u.get("replays", ())),
+                                         "replay_reads": tuple(u.get("replay_reads", ()))}) for u in data["units"]),
             cached=tuple(CachedValue(**{**v, "shape": tuple(v["shape"]) if v.get("shape") else None})
                          for v in data["cached"]),
             settings=data.get("settings", {}), predicted=data.get("predicted", {}), version=data["version"],
@@ -156,7 +178,7 @@ def _facts(unit: Unit, trainable: tuple[str, ...], profile: Profile | None) -> _
     return _Facts(uses, measured.needs_grad or bool(uses), random_ops, measured.peak_bytes, measured.flops, clean)
 
 
-def _forced_reason(facts: _Facts, unit: Unit) -> str | None:
+def _forced_reason(facts: _Facts, unit: Unit, profile: Profile | None, split: bool, batch_size: int) -> str | None:
     if facts.uses_trainable:
         return f"stage 2: uses trainable {', '.join(facts.uses_trainable)} (outputs need grad)"
     if facts.needs_grad:
@@ -166,7 +188,14 @@ def _forced_reason(facts: _Facts, unit: Unit) -> str | None:
         note = ""
         partial = [v for v in facts.clean_outputs if v in unit.outputs]
         if partial and len(partial) < len(unit.outputs):
-            note = f"; {', '.join(partial)} alone would be cacheable: split the unit to cache them"
+            f = profile.unit(unit.name).fission if profile is not None else None
+            which = ", ".join(partial)
+            if f is None:
+                note = f"; {which} alone would be cacheable: split the unit to cache them"
+            elif f.problem is not None:
+                note = f"; {which} alone would be cacheable, but it cannot be split: {f.problem}"
+            elif split and batch_size != 1:
+                note = f"; {which} would be cached by splitting the unit, which needs --batch_size 1"
         return f"stage 2: draws per-step random numbers ({ops}){note}"
     return None
 
@@ -177,22 +206,34 @@ def make_plan(graph: UnitGraph, *, pipeline: str, task: str, trainable: tuple[st
     """Place each unit of `graph` in stage 1 or 2 and list the values that cross the cut.
 
     `profile` supplies measured memory, FLOPs, gradients and randomness; `solver` is "auto",
-    "enumerate" or "mincut". Raises PlanError if the profile does not match the graph.
+    "enumerate" or "mincut". A unit with both random and cacheable outputs is offered to the
+    solver as two parts (its clean part and the replay of its random part, autosplit.fission)
+    when the profile could record it and stage 2 trains with batch size 1. Raises PlanError if
+    the profile does not match the graph.
     """
     if profile is not None and [u.name for u in profile.units] != list(graph.units):
         raise PlanError(f"profile units {[u.name for u in profile.units]} do not match the graph's "
                         f"{list(graph.units)}; re-run `autosplit profile`")
-    layouts = layouts or {}
+    layouts = dict(layouts or {})
+    fissions = _fissions(graph, profile, split, batch_size)
+    parts = _planning_graph(graph, fissions)
     facts = {u.name: _facts(u, trainable, profile) for u in graph}
-    forced = {u.name: _forced_reason(facts[u.name], u) for u in graph}
-    problem = _problem(graph, facts, forced, profile, batch_size)
-    eligible = len(graph.units) - len(problem.forced_stage2)
+    forced = {u.name: _forced_reason(facts[u.name], u, profile, split, batch_size) for u in graph}
+    for name, f in fissions.items():
+        unit = graph[name]
+        facts[replay_name(name)] = dataclasses.replace(facts[name], peak_bytes=f.peak_bytes, flops=f.flops)
+        forced[replay_name(name)] = forced.pop(name)
+        facts[name] = dataclasses.replace(facts[name], random_ops=(), flops=max(facts[name].flops - f.flops, 0))
+        forced[name] = None
+        layouts[graph_name(name)] = _GraphLayout()
+    problem = _problem(parts, facts, forced, profile, batch_size, fissions)
+    eligible = len(parts.units) - len(problem.forced_stage2)
     if solver == "auto":
         solver = "enumerate" if eligible <= ENUMERATION_LIMIT else "mincut"
     stage1 = solve_enumerate(problem) if solver == "enumerate" else solve_mincut(problem)
-    cached = _cached_values(graph, stage1, layouts, profile)
-    placements = tuple(_placement(u, stage1, forced[u.name], facts[u.name], graph, cached, profile, split)
-                       for u in graph)
+    cached = _cached_values(parts, stage1, layouts, profile, fissions)
+    placements = tuple(_placement(u, stage1, forced.get(u.name) or forced.get(replay_name(u.name)), facts[u.name],
+                                  parts, cached, profile, split, fissions.get(u.name)) for u in graph)
     plan = Plan(pipeline=pipeline, task=task, split=split, trainable=tuple(trainable), units=placements,
                 cached=tuple(cached), settings=dict(settings or {}))
     if profile is None:
@@ -200,14 +241,61 @@ def make_plan(graph: UnitGraph, *, pipeline: str, task: str, trainable: tuple[st
     return replace_predicted(plan, predict(plan, profile, batch_size=batch_size))
 
 
-def _per_sample(profile: Profile | None, value: str) -> int:
+@dataclass(frozen=True)
+class _GraphLayout:
+    """A split unit's recorded graph is cached as ragged JSON bytes."""
+
+    ragged_axis: int = 0
+    max_len: int = MAX_GRAPH_BYTES
+
+
+def replay_name(unit: str) -> str:
+    return f"{unit}@replay"
+
+
+def _fissions(graph: UnitGraph, profile: Profile | None, split: bool, batch_size: int) -> dict[str, FissionProfile]:
+    """Units the solver may split: recorded without a problem, in a split run with batch size 1, and
+    with a deterministic part worth caching (a cacheable output, or weights it uses)."""
+    if profile is None or not split or batch_size != 1:
+        return {}
+    found = {}
+    for unit in graph:
+        f = profile.unit(unit.name).fission
+        # worth splitting only if the deterministic part yields an output or uses weights
+        useful = f is not None and (len(f.dirty_outputs) < len(unit.outputs) or any(
+            profile.component(c) is not None for c in unit.components))
+        if useful and f.problem is None:
+            found[unit.name] = f
+    return found
+
+
+def _planning_graph(graph: UnitGraph, fissions: dict[str, FissionProfile]) -> UnitGraph:
+    """`graph` with each unit in `fissions` as two: its clean part and the replay of its random part."""
+    if not fissions:
+        return graph
+    units: list[Unit] = []
+    for unit in graph:
+        f = fissions.get(unit.name)
+        if f is None:
+            units.append(unit)
+            continue
+        n = len(f.frontier)
+        units.append(Unit(unit.name, unit.inputs, split_outputs(unit, f.dirty_outputs, n), unit.fn, unit.components))
+        units.append(Unit(replay_name(unit.name), replay_inputs(unit.name, f.reads, n), f.dirty_outputs, unit.fn))
+    return UnitGraph(units, sources=graph.sources, loss=graph.loss)
+
+
+def _per_sample(profile: Profile | None, value: str, fissions: dict[str, FissionProfile]) -> int:
     if profile is None:
         return 0
+    owner = value.removesuffix(".graph")
+    if value.endswith(".graph") and owner in fissions:
+        return fissions[owner].graph_bytes
     return profile.value(value).bytes // max(profile.batch_size, 1)
 
 
 def _problem(graph: UnitGraph, facts: dict[str, _Facts], forced: dict[str, str | None], profile: Profile | None,
-             batch_size: int) -> CutProblem:
+             batch_size: int, fissions: dict[str, FissionProfile]) -> CutProblem:
     component_bytes = {c.name: c.frozen_bytes + c.trainable_bytes for c in (profile.components if profile else ())}
     users: dict[str, set[str]] = {}
     for unit in graph:
@@ -218,7 +306,7 @@ def _problem(graph: UnitGraph, facts: dict[str, _Facts], forced: dict[str, str |
         for value in unit.outputs:
             consumers = frozenset(graph.consumers(value))
             if consumers:
-                sample = _per_sample(profile, value)
+                sample = _per_sample(profile, value, fissions)
                 values[value] = (unit.name, consumers, sample * batch_size, sample)
     return CutProblem(
         units=tuple(graph.units),
@@ -231,7 +319,7 @@ def _problem(graph: UnitGraph, facts: dict[str, _Facts], forced: dict[str, str |
 
 
 def _cached_values(graph: UnitGraph, stage1: frozenset[str], layouts: dict[str, Any],
-                   profile: Profile | None) -> list[CachedValue]:
+                   profile: Profile | None, fissions: dict[str, FissionProfile]) -> list[CachedValue]:
     cached = []
     for unit in graph:
         if unit.name not in stage1:
@@ -240,9 +328,13 @@ def _cached_values(graph: UnitGraph, stage1: frozenset[str], layouts: dict[str, 
             if any(c not in stage1 for c in graph.consumers(value)):
                 layout = layouts.get(value)
                 shape = dtype = nbytes = None
-                if profile is not None:
+                if profile is not None and value.endswith(".graph") and value.removesuffix(".graph") in fissions:
+                    nbytes = _per_sample(profile, value, fissions)
+                    shape, dtype = (nbytes,), "uint8"
+                elif profile is not None:
                     measured = profile.value(value)
-                    shape, dtype, nbytes = measured.shape[1:], measured.dtype, _per_sample(profile, value)
+                    shape, dtype = measured.shape[1:], measured.dtype
+                    nbytes = _per_sample(profile, value, fissions)
                 cached.append(CachedValue(value, unit.name, ragged_axis=getattr(layout, "ragged_axis", None),
                                           max_len=getattr(layout, "max_len", None), shape=shape, dtype=dtype,
                                           bytes_per_sample=nbytes))
@@ -250,7 +342,27 @@ def _cached_values(graph: UnitGraph, stage1: frozenset[str], layouts: dict[str, 
 
 
 def _placement(unit: Unit, stage1: frozenset[str], forced: str | None, facts: _Facts, graph: UnitGraph,
-               cached: list[CachedValue], profile: Profile | None, split: bool) -> UnitPlacement:
+               cached: list[CachedValue], profile: Profile | None, split: bool,
+               fission: FissionProfile | None) -> UnitPlacement:
+    measured = profile.unit(unit.name) if profile else None
+    if fission is not None and unit.name in stage1:
+        names = [v for v in cached if v.producer == unit.name]
+        size = sum(v.bytes_per_sample or 0 for v in names)
+        kept = [v.name for v in names if not v.name.startswith(unit.name + ".")]
+        ops = ", ".join(measured.random_ops)
+        reason = (f"split: stage 1 caches {', '.join(kept) or 'its clean part'}"
+                  f"{f' + {len(fission.frontier)} frontier tensors' if fission.frontier else ''} and the recorded "
+                  f"graph, {_kib(size)} per sample; stage 2 replays the random part ({ops}, {fission.ops} ops) "
+                  f"without {', '.join(unit.components) or 'the unit'}")
+        return UnitPlacement(unit.name, 1, reason, unit.components, peak_bytes=measured.peak_bytes,
+                             flops=measured.flops, seconds=measured.seconds, needs_grad=False,
+                             random_ops=measured.random_ops, replays=fission.dirty_outputs,
+                             replay_reads=fission.reads, frontier=len(fission.frontier))
+    if fission is not None:
+        facts = dataclasses.replace(facts, random_ops=measured.random_ops)
+        late = [v for v in unit.inputs if graph.producer.get(v) and graph.producer[v] not in stage1]
+        why = f"reads {', '.join(late)} from stage 2" if late else "is cheaper to recompute than to cache"
+        forced = f"{forced}; its deterministic part {why}, so it is not split"
     if unit.name in stage1:
         names = [v for v in cached if v.producer == unit.name]
         caches = ""
@@ -266,7 +378,6 @@ def _placement(unit: Unit, stage1: frozenset[str], forced: str | None, facts: _F
         reason = forced or (f"stage 2: reads {', '.join(late)} from stage 2" if late else
                             "stage 2: cheaper to run every step than to cache (lower stage-2 memory)")
         stage = 2
-    measured = profile.unit(unit.name) if profile else None
     return UnitPlacement(unit.name, stage, reason, unit.components,
                          peak_bytes=measured.peak_bytes if measured else None,
                          flops=measured.flops if measured else None,
@@ -295,6 +406,7 @@ def predict(plan: Plan, profile: Profile, *, batch_size: int = 1) -> dict[str, A
     optimizer = 2 * sum(c.trainable_bytes for c in profile.components)
     batch = sum(v.bytes_per_sample or 0 for v in plan.cached) * batch_size
     frozen2 = [profile.unit(u.name).peak_bytes for u in plan.units if u.stage == 2 and u.name not in grad_units]
+    frozen2 += [profile.unit(u.name).fission.peak_bytes for u in plan.units if u.replays]
     activations2 = max([profile.grad_step.peak_bytes, *frozen2])
     stage1_peaks = [profile.unit(n).peak_bytes for n in stage1] or [0]
     all_components = plan.components(1) + [c for c in plan.components(2) if c not in plan.components(1)]
@@ -310,7 +422,8 @@ def predict(plan: Plan, profile: Profile, *, batch_size: int = 1) -> dict[str, A
         "stage2_activation_bytes": activations2,
         "cached_bytes_per_sample": sum(v.bytes_per_sample or 0 for v in plan.cached),
         "stage2_flops_per_step": profile.grad_step.flops + sum(
-            profile.unit(u.name).flops for u in plan.units if u.stage == 2 and u.name not in grad_units),
+            profile.unit(u.name).flops for u in plan.units if u.stage == 2 and u.name not in grad_units) + sum(
+            profile.unit(u.name).fission.flops for u in plan.units if u.replays),
     }
 
 

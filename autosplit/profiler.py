@@ -57,6 +57,26 @@ class ValueProfile:
 
 
 @dataclass(frozen=True)
+class FissionProfile:
+    """The random part of a unit whose other outputs are cacheable (see autosplit.fission).
+
+    `frontier` are the clean tensors the random part reads (cached per sample if the unit is
+    split), `reads` the clean outputs it reads; peak, FLOPs and seconds are of its replay.
+    `problem` says why it cannot be replayed (the unit then stays whole in stage 2).
+    """
+
+    dirty_outputs: tuple[str, ...]
+    reads: tuple[str, ...]
+    frontier: tuple[ValueProfile, ...]
+    graph_bytes: int
+    ops: int
+    peak_bytes: int
+    flops: int
+    seconds: float
+    problem: str | None = None
+
+
+@dataclass(frozen=True)
 class UnitProfile:
     name: str
     components: tuple[str, ...]
@@ -70,6 +90,8 @@ class UnitProfile:
     random_ops: tuple[str, ...]
     #: ops that drew from another generator (seeded from the sample): deterministic
     seeded_random_ops: tuple[str, ...]
+    #: set when some outputs are random and others are not
+    fission: FissionProfile | None = None
 
     @property
     def draws_random(self) -> bool:
@@ -114,7 +136,9 @@ class Profile:
         return next((c for c in self.components if c.name == name), None)
 
     def value(self, name: str) -> ValueProfile:
-        return next(v for u in self.units for v in u.outputs if v.name == name)
+        """An output of a unit, or a frontier tensor of a unit's random part."""
+        return next(v for u in self.units for v in (*u.outputs, *(u.fission.frontier if u.fission else ()))
+                    if v.name == name)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -122,11 +146,20 @@ class Profile:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "Profile":
         def unit(u: Mapping[str, Any]) -> UnitProfile:
-            outputs = tuple(ValueProfile(**{**v, "shape": tuple(v["shape"]), "depends_on": tuple(v["depends_on"])})
-                            for v in u["outputs"])
+            outputs = tuple(value(v) for v in u["outputs"])
             return UnitProfile(**{**u, "components": tuple(u["components"]), "outputs": outputs,
                                   "random_ops": tuple(u["random_ops"]),
-                                  "seeded_random_ops": tuple(u["seeded_random_ops"])})
+                                  "seeded_random_ops": tuple(u["seeded_random_ops"]),
+                                  "fission": fission(u.get("fission"))})
+
+        def value(v: Mapping[str, Any]) -> ValueProfile:
+            return ValueProfile(**{**v, "shape": tuple(v["shape"]), "depends_on": tuple(v["depends_on"])})
+
+        def fission(f: Mapping[str, Any] | None) -> FissionProfile | None:
+            if f is None:
+                return None
+            return FissionProfile(**{**f, "dirty_outputs": tuple(f["dirty_outputs"]), "reads": tuple(f["reads"]),
+                                     "frontier": tuple(value(v) for v in f["frontier"])})
 
         step = data["grad_step"]
         return cls(pipeline=data["pipeline"], task=data["task"], mode=data["mode"], batch_size=data["batch_size"],
@@ -327,12 +360,36 @@ def profile_unit(unit: Unit, values: Mapping[str, Any], ctx: UnitContext,
         out = unit(values, ctx)
     tracer = m.tracer
     outputs = tuple(_value_profile(name, out[name], tracer, unit, values) for name in unit.outputs)
+    random = [v for v in outputs if v.random]
+    split = None
+    if random and not random_inputs & set(unit.inputs) and not any(v.needs_grad for v in outputs):
+        split = _profile_fission(unit, values, ctx)
     profile = UnitProfile(
         name=unit.name, components=unit.components, peak_bytes=m.peak_bytes, flops=m.flops, seconds=m.seconds,
         outputs=outputs, needs_grad=any(v.needs_grad for v in outputs),
         random_ops=tuple(sorted(set(tracer.random_ops))), seeded_random_ops=tuple(sorted(set(tracer.seeded_ops))),
+        fission=split,
     )
     return profile, out
+
+
+def _profile_fission(unit: Unit, values: Mapping[str, Any], ctx: UnitContext) -> FissionProfile:
+    """Run `unit` again under the fission recorder, then measure the replay of its random part."""
+    from autosplit.fission import frontier_name, record, replay
+
+    batch = next((len(v) for v in values.values() if isinstance(v, list)), 1)
+    out, rec = record(unit, values, ctx)
+    frontier = tuple(ValueProfile(frontier_name(unit.name, k), (1, *t.shape), str(t.dtype).removeprefix("torch."),
+                                  t.numel() * t.element_size() * batch, False, False, unit.inputs)
+                     for k, t in enumerate(rec.frontier))
+    peak = flops = 0
+    seconds = 0.0
+    if rec.problem is None:
+        with _measure(ctx.device, ctx.generator) as m:
+            replay(rec.graph, rec.frontier, {n: out[n] for n in rec.reads}, ctx)
+        peak, flops, seconds = m.peak_bytes, m.flops, m.seconds
+    return FissionProfile(rec.dirty_outputs, rec.reads, frontier, len(rec.graph_bytes()), len(rec.graph["ops"]),
+                          peak, flops, seconds, rec.problem)
 
 
 def component_profiles(components: Mapping[str, Any]) -> tuple[ComponentProfile, ...]:

@@ -75,7 +75,7 @@ def stage1_context(session: Session, plan: Plan) -> tuple[list[Unit], UnitContex
     check_components_present(session, plan.components(1))
     components = load_components(session.adapter, session.model_root, plan.components(1),
                                  device=session.device, dtype=session.dtype)
-    units = [session.graph[name] for name in plan.stage_units(1)]
+    units = plan.runnable_units(session.graph, 1)
     ctx = UnitContext(components, session.device, session.dtype, generator=None, settings=session.settings)
     return units, ctx
 
@@ -216,6 +216,9 @@ def _producer(session: Session, plan: Plan, samples: list[Sample], reuse: Path |
     """A function from one shard's samples to their stage-1 outputs: copied from `reuse` where its
     cache holds the same source digest, computed (in batches of `batch_size`) otherwise."""
     units, ctx = stage1_context(session, plan)
+    if any(u.replays for u in plan.units) and batch_size != 1:
+        log.info("stage 1 runs one sample at a time: a split unit records its random part per sample")
+        batch_size = 1
     names = [v.name for v in plan.cached]
     ragged = {v.name: v.ragged_axis for v in plan.cached if v.ragged_axis is not None}
     old, where = None, {}

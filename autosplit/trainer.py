@@ -202,7 +202,7 @@ def train(session: Session, plan: Plan, output: Path, *, cache_path: Path | None
                             rank=accelerator.process_index, world_size=accelerator.num_processes,
                             pin_memory=device.type == "cuda", submit_batch=submit)
     pick.loader = loader
-    units = [session.graph[name] for name in plan.stage_units(2)]
+    units = plan.runnable_units(session.graph, 2)
     if accelerator.is_main_process:
         output.mkdir(parents=True, exist_ok=True)
         (output / "plan.json").write_text(plan.to_json())
