@@ -134,7 +134,7 @@ class _Recorder(TorchDispatchMode):
                 self.dirty.add(_storage_key(leaf))
                 self._remember(leaf, ["o", index, j])
             elif self.problem is None:
-                self.problem = (f"its random part reads a value into Python ({func.__name__}, e.g. .item() or a "
+                self.problem = (f"its random part reads a value into Python ({func._overloadpacket.__name__}, e.g. .item() or a "
                                 f"branch on a random tensor)")
         for arg, value in zip(func._schema.arguments, args):
             if arg.alias_info is not None and arg.alias_info.is_write and isinstance(value, torch.Tensor):

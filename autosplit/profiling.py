@@ -160,7 +160,7 @@ def _profile_key(session: Session, batch: dict[str, Any]) -> str:
     root = session.model_root
     configs = {str(p.relative_to(root)): p.read_text() for p in sorted(root.rglob("*.json"))
                if p.stat().st_size < 1 << 20}
-    units = [[u.name, list(u.inputs), list(u.outputs), list(u.components)] for u in session.graph]
+    units = [[u.name, list(u.inputs), list(u.outputs), list(u.components), _code_digest(u.fn)] for u in session.graph]
     described = {k: [str(x) for x in v] for k, v in batch.items() if k not in ("image_path", "sample_id")}
     cfg = session.config
     key = {"version": autosplit.__version__, "torch": torch.__version__, "pipeline": session.adapter.name,
@@ -168,6 +168,29 @@ def _profile_key(session: Session, batch: dict[str, Any]) -> str:
            "batch": described, "lora": dataclasses.asdict(cfg.lora), "trainable": list(session.trainable),
            "checkpointing": cfg.train.gradient_checkpointing}
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def _code_digest(fn: Any) -> str:
+    """What a unit's function computes, as far as its code shows: two graphs with the same unit
+    names but other functions (a user's fused unit, say) do not share a memoized profile."""
+    import hashlib
+    import types
+
+    def feed(code: types.CodeType) -> None:
+        digest.update(code.co_code + repr((code.co_names, code.co_varnames)).encode())
+        for const in code.co_consts:
+            feed(const) if isinstance(const, types.CodeType) else digest.update(repr(const).encode())
+
+    digest = hashlib.sha256()
+    code = getattr(fn, "__code__", None)
+    if code is None:
+        return f"{type(fn).__module__}.{type(fn).__qualname__}"
+    feed(code)
+    for cell in getattr(fn, "__closure__", None) or ():  # wrappers differ by the function they wrap
+        inner = getattr(cell.cell_contents, "__code__", None)
+        if inner is not None:
+            feed(inner)
+    return digest.hexdigest()[:16]
 
 
 def plan_profile(session: Session) -> Profile | None:

@@ -34,6 +34,11 @@ def _table(rows: list[tuple[str, ...]]) -> list[str]:
     return lines
 
 
+def stage_label(u: Any) -> str:
+    """"1", "2", or "1+2" for a unit split inside (stage 1 caches, stage 2 replays its random part)."""
+    return "1+2" if u.replays else str(u.stage)
+
+
 def plan_table(plan: Plan) -> str:
     """The plan as a terminal table followed by the predicted memory and what each stage builds."""
     cached = {v.producer: [] for v in plan.cached}
@@ -44,7 +49,7 @@ def plan_table(plan: Plan) -> str:
     for u in plan.units:
         measured = u.peak_bytes is not None and timed
         rows.append((
-            u.name, str(u.stage), format_bytes(u.peak_bytes), format_flops(u.flops),
+            u.name, stage_label(u), format_bytes(u.peak_bytes), format_flops(u.flops),
             f"{u.seconds * 1000:.1f} ms" if measured and u.seconds is not None else "-",
             ("yes" if u.needs_grad else "no") if u.needs_grad is not None else "-",
             ",".join(u.random_ops) or "no",
@@ -109,7 +114,7 @@ def plan_html(plan: Plan) -> str:
             bar_rows.append(f'<line x1="0" x2="900" y1="{y - 4}" y2="{y - 4}" stroke="#c00" stroke-dasharray="6 4"/>'
                             f'<text x="905" y="{y}" fill="#c00" font-size="12">cut</text>')
         width = 1 + 560 * (u.peak_bytes or 0) / top
-        color = "#4a90d9" if u.stage == 1 else "#e8912d"
+        color = "#8a6db1" if u.replays else "#4a90d9" if u.stage == 1 else "#e8912d"
         bar_rows.append(
             f'<text x="0" y="{y + 13}" font-size="13">{html.escape(u.name)}</text>'
             f'<rect x="180" y="{y}" width="{width:.1f}" height="18" fill="{color}">'
@@ -117,12 +122,12 @@ def plan_html(plan: Plan) -> str:
             f'<text x="{190 + width:.1f}" y="{y + 13}" font-size="12">{format_bytes(u.peak_bytes)}</text>')
         y += 26
     summary = "".join(f"<li>{html.escape(line)}</li>" for line in plan_summary(plan))
-    reasons = "".join(f"<tr><td>{html.escape(u.name)}</td><td>{u.stage}</td><td>{html.escape(u.reason)}</td></tr>"
+    reasons = "".join(f"<tr><td>{html.escape(u.name)}</td><td>{stage_label(u)}</td><td>{html.escape(u.reason)}</td></tr>"
                       for u in plan.units)
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>autosplit plan: {plan.pipeline} "
             f"{plan.task}</title></head><body style='font-family:sans-serif'>"
             f"<h1>{html.escape(plan.pipeline)} / {html.escape(plan.task)}</h1>"
-            f"<p>Peak memory of each unit (blue: stage 1, orange: stage 2).</p>"
+            f"<p>Peak memory of each unit (blue: stage 1, orange: stage 2, purple: split, its random part replayed in stage 2).</p>"
             f"<svg width='960' height='{y + 10}' xmlns='http://www.w3.org/2000/svg'>{''.join(bar_rows)}</svg>"
             f"<ul>{summary}</ul><table border='1' cellpadding='4'><tr><th>unit</th><th>stage</th>"
             f"<th>reason</th></tr>{reasons}</table></body></html>\n")

@@ -52,3 +52,15 @@ def test_family_plans_in_the_docs_are_current(autosplit_home):
     assert len(blocks) == 7
     for _, flags, table, _ in blocks:
         assert table_for(flags) == table, f"autosplit plan{flags}: run docs/scripts/update_family_plans.py"
+
+
+def test_profile_format_documents_every_field():
+    import dataclasses
+
+    from autosplit import profiler
+
+    text = (DOCS / "profile-format.md").read_text()
+    for cls in (profiler.Profile, profiler.UnitProfile, profiler.ValueProfile, profiler.ComponentProfile,
+                profiler.StepProfile, profiler.FissionProfile):
+        for field in dataclasses.fields(cls):
+            assert f"`{field.name}`" in text or f'"{field.name}"' in text, f"{cls.__name__}.{field.name}"

@@ -165,19 +165,44 @@ def test_undeclared_random_crop_is_measured_and_kept_out_of_stage1():
     assert plan.units[1].reason == "stage 2: reads crop from stage 2"
 
 
-def test_a_unit_with_one_random_output_says_the_other_is_cacheable():
-    def encode_and_noise(values, ctx):
-        latents = values["image"] * 2
+def test_a_unit_with_one_random_output_is_split_and_its_encoder_stays_in_stage1():
+    def encode_and_noise(values, ctx):  # the example: encoded image + noise-derived latents
+        latents = ctx.components["vae"](values["image"])
         return {"latents": latents, "noisy": latents + torch.randn(latents.shape, generator=ctx.generator)}
 
+    vae = torch.nn.Linear(4, 4).requires_grad_(False)
     plan, profile = profiled_plan(
-        [Unit("encode_and_noise", ("image",), ("latents", "noisy"), encode_and_noise),
+        [Unit("encode_and_noise", ("image",), ("latents", "noisy"), encode_and_noise, components=("vae",)),
          Unit("loss", ("noisy",), ("loss",), lambda v, c: {"loss": c.components["net"](v["noisy"]).mean()},
               components=("net",))],
-        ("image",), {"image": torch.ones(1, 4)}, {"net": torch.nn.Linear(4, 4)})
+        ("image",), {"image": torch.ones(1, 4)}, {"net": torch.nn.Linear(4, 4), "vae": vae})
     assert [v.random for v in profile.unit("encode_and_noise").outputs] == [False, True]
-    assert plan.units[0].stage == 2
-    assert "latents alone would be cacheable: split the unit" in plan.units[0].reason
+    unit = plan.units[0]
+    assert (unit.stage, unit.replays, unit.replay_reads, unit.frontier) == (1, ("noisy",), ("latents",), 0)
+    assert unit.reason.startswith("split: stage 1 caches latents and the recorded graph")
+    assert unit.reason.endswith("stage 2 replays the random part (randn.generator, 2 ops) without vae")
+    assert plan.components(2) == ["net"] and plan.stage_units(2) == ["encode_and_noise", "loss"]
+    assert [v.name for v in plan.cached] == ["latents", "encode_and_noise.graph"]
+    assert plan.predicted["stage2_resident_bytes"] == 80  # the net's weights; not the vae's
+
+
+def test_a_unit_whose_random_part_reads_into_python_stays_whole_and_says_why():
+    def encode_and_noise(values, ctx):
+        latents = ctx.components["vae"](values["image"])
+        scale = float(torch.rand((), generator=ctx.generator))  # a random value read into Python
+        return {"latents": latents, "noisy": latents + scale * torch.randn(4, generator=ctx.generator)}
+
+    plan, _ = profiled_plan(
+        [Unit("encode_and_noise", ("image",), ("latents", "noisy"), encode_and_noise, components=("vae",)),
+         Unit("loss", ("noisy",), ("loss",), lambda v, c: {"loss": c.components["net"](v["noisy"]).mean()},
+              components=("net",))],
+        ("image",), {"image": torch.ones(1, 4)},
+        {"net": torch.nn.Linear(4, 4), "vae": torch.nn.Linear(4, 4).requires_grad_(False)})
+    assert plan.units[0].stage == 2 and "vae" in plan.components(2)
+    assert plan.units[0].reason == (
+        "stage 2: draws per-step random numbers (rand.generator, randn.generator); latents alone would be cacheable, but it cannot be "
+        "split: its random part reads a value into Python (_local_scalar_dense, e.g. .item() or a branch "
+        "on a random tensor)")
 
 
 def test_lora_on_the_text_encoder_moves_text_encoding_to_stage2():
