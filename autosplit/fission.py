@@ -321,7 +321,7 @@ def recording_unit(unit: Unit, dirty: tuple[str, ...], frontier_count: int, read
         if first is not None and len(first) != 1:
             raise CacheError(f"unit {unit.name!r} is split inside and records one sample at a time; "
                              f"got a batch of {len(first)}")
-        generator = torch.Generator(device=ctx.device).manual_seed(0)
+        generator = torch.Generator().manual_seed(0)  # a CPU generator, like the trainer's step generator
         out, rec = record(unit, values, UnitContext(ctx.components, ctx.device, ctx.dtype, generator, ctx.settings))
         if rec.problem is not None:
             raise CacheError(f"unit {unit.name!r} cannot be split for this sample: {rec.problem}; "
