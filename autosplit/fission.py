@@ -76,6 +76,12 @@ _METADATA_OPS = {"prim::device", "prim::layout", "aten::sym_size", "aten::sym_st
                  "aten::sym_storage_offset", "aten::is_contiguous", "aten::dim", "aten::is_non_overlapping_and_dense"}
 
 
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    """`cuda:0` is the run's device `cuda`: recorded as "the run's device", so a replay on another
+    rank's GPU lands there."""
+    return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
+
+
 def _storage_key(t: torch.Tensor) -> int:
     return t.untyped_storage()._cdata
 
@@ -163,7 +169,7 @@ class _Recorder(TorchDispatchMode):
         if isinstance(x, torch.dtype):
             return {"dtype": str(x).removeprefix("torch.")}
         if isinstance(x, torch.device):
-            return {"device": "ctx" if x == self.device else str(x)}
+            return {"device": "ctx" if _same_device(x, self.device) else str(x)}
         if isinstance(x, torch.layout):
             return {"layout": str(x).removeprefix("torch.")}
         if isinstance(x, torch.memory_format):

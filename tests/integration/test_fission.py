@@ -25,7 +25,7 @@ STEPS = ["--num_epochs", "1", "--dataset_repeat", "1", "--lora_rank", "4", "--se
 def encode_image_and_noise(values, ctx):
     """DiffSynth-style: the encoded image and the noise in one unit."""
     latents = encode_image(values, ctx)["image_latents"]
-    noise = torch.randn(latents.shape, generator=ctx.generator, dtype=torch.float32).to(latents.dtype)
+    noise = torch.randn(latents.shape, generator=ctx.generator, dtype=torch.float32).to(latents.device, latents.dtype)
     return {"image_latents": latents, "noise": noise}
 
 
