@@ -18,7 +18,8 @@ import collections
 import queue
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Hashable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -130,6 +131,43 @@ def collate(samples: list[Mapping[str, Any]], ragged: Mapping[str, int]) -> dict
     return batch
 
 
+#: cap of a text source (prompt, path) cached for stage 2, in UTF-8 bytes
+MAX_SOURCE_BYTES = 1 << 16
+
+
+def encode_source(value: Any) -> torch.Tensor:
+    """A dataset source value (prompt, sample id, size, ...) as a tensor the cache can hold: text as
+    UTF-8 bytes (uint8), integers and integer tuples as int64, floats as float64."""
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, (str, Path)):
+        return torch.frombuffer(bytearray(str(value).encode()), dtype=torch.uint8) if str(value) else torch.zeros(
+            0, dtype=torch.uint8)
+    if isinstance(value, float):
+        return torch.tensor(value, dtype=torch.float64)
+    if isinstance(value, (bool, int, np.integer)):
+        return torch.tensor(int(value), dtype=torch.int64)
+    if isinstance(value, (tuple, list)) and all(isinstance(v, (int, np.integer)) for v in value):
+        return torch.tensor([int(v) for v in value], dtype=torch.int64)
+    raise TypeError(f"cannot cache a dataset value of type {type(value).__name__}")
+
+
+def decode_sources(batch: dict[str, Any], names: Iterable[str]) -> dict[str, Any]:
+    """The inverse of `encode_source` on a collated batch: each source in `names` becomes the list
+    of per-sample Python values the units read."""
+    for name in names:
+        t = batch.get(name)
+        if not isinstance(t, torch.Tensor):
+            continue
+        if t.dtype == torch.uint8:
+            batch[name] = [bytes(row.numpy().tobytes()).rstrip(b"\0").decode() for row in t]
+        elif t.dim() == 1:
+            batch[name] = t.tolist()
+        else:
+            batch[name] = [tuple(row) for row in t.tolist()]
+    return batch
+
+
 def _pad_axis(t: torch.Tensor, axis: int, length: int) -> torch.Tensor:
     missing = length - t.shape[axis]
     if missing == 0:
@@ -144,7 +182,8 @@ def to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
     out = {}
     for name, value in batch.items():
         if isinstance(value, torch.Tensor):
-            value = (value.pin_memory() if pin else value).to(device, non_blocking=pin)
+            staged = pin and value.device.type == "cpu"  # an unsplit run computes its batch on the GPU already
+            value = (value.pin_memory() if staged else value).to(device, non_blocking=staged)
         out[name] = value
     return out
 

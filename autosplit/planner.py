@@ -151,6 +151,10 @@ class Plan:
                             f"{list(graph.units)}; re-run `autosplit plan`")
 
 
+#: `CachedValue.producer` of a dataset source a stage-2 unit reads: stage 1 caches it as a tensor
+#: (text as UTF-8 bytes, numbers as int64/float64) and stage 2 turns it back into Python values
+SOURCE = "dataset"
+
 ENUMERATION_LIMIT = 16  # eligible units up to which the exact search is used
 
 
@@ -321,6 +325,11 @@ def _problem(graph: UnitGraph, facts: dict[str, _Facts], forced: dict[str, str |
 def _cached_values(graph: UnitGraph, stage1: frozenset[str], layouts: dict[str, Any],
                    profile: Profile | None, fissions: dict[str, FissionProfile]) -> list[CachedValue]:
     cached = []
+    for source in graph.sources:  # dataset values a stage-2 unit reads (the prompt, when text encoding trains)
+        if any(c not in stage1 for c in graph.consumers(source)):
+            layout = layouts.get(source)
+            cached.append(CachedValue(source, SOURCE, ragged_axis=getattr(layout, "ragged_axis", None),
+                                      max_len=getattr(layout, "max_len", None)))
     for unit in graph:
         if unit.name not in stage1:
             continue

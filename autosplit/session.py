@@ -21,7 +21,7 @@ from autosplit.graph import UnitGraph
 from autosplit.models import fingerprint_component
 from autosplit.planner import Plan, make_plan
 from autosplit.profiler import Profile
-from autosplit.tasks import TASK_COLUMNS, build_graph
+from autosplit.tasks import TASK_COLUMNS, build_graph, source_layouts
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ class Session:
             check_components_present(self, sorted({c for u in self.graph for c in u.components}))
             profile = plan_profile(self)
         return make_plan(self.graph, pipeline=self.adapter.name, task=self.task, trainable=self.trainable,
-                         split=self.config.train.split, layouts=self.adapter.value_layouts(),
+                         split=self.config.train.split, layouts={**source_layouts(), **self.adapter.value_layouts()},
                          settings=self.config.to_dict(), profile=profile,
                          batch_size=self.config.train.batch_size, solver=self.config.plan.solver)
 

@@ -28,6 +28,7 @@ from autosplit.cache import CacheReader, CacheWriter, _read_manifest, make_bucke
 from autosplit.data import Sample, source_digest
 from autosplit.errors import CacheError
 from autosplit.graph import Unit, UnitContext, run_units
+from autosplit.loader import encode_source
 from autosplit.models import load_components
 from autosplit.planner import Plan
 from autosplit.session import DATASET_KEYS, Session, check_components_present
@@ -56,7 +57,7 @@ def compute_samples(units: list[Unit], samples: list[Sample], ctx: UnitContext, 
         if len(samples) > 1 and ragged:
             length = max(_used_length(item[n]) for n in ragged if n in item)
             item = {n: v[:length] if n in ragged else v for n, v in item.items()}
-        out.append({n: v.cpu() if to_cpu else v for n, v in item.items()})
+        out.append({n: encode_source(v).cpu() if to_cpu else v for n, v in item.items()})
     return out
 
 

@@ -36,6 +36,8 @@ VAE_LATENTS = ("mode", "sample", "frozen_sample")
 SOURCES = ("image_path", "image_size", "num_frames", "prompt", "sample_id", "variant", "seed", "rand_device",
            "num_inference_steps",
            "cfg_scale")
+#: sources that are text: cached as ragged UTF-8 bytes when a stage-2 unit reads them
+TEXT_SOURCES = ("image_path", "prompt", "rand_device")
 #: dataset columns each task needs besides the image (or video) and the prompt
 TASK_COLUMNS = {"sft": (), "direct_distill": ("seed", "rand_device", "num_inference_steps", "cfg_scale")}
 
@@ -280,6 +282,14 @@ def _renamed(unit: Unit) -> Unit:
         return {"decoded_image": unit.fn(values, ctx)["image"]}
 
     return Unit(unit.name, unit.inputs, unit.outputs, fn, doc=unit.doc)
+
+
+def source_layouts() -> dict[str, Any]:
+    """How text sources are cached if a stage-2 unit reads them (ragged bytes, capped)."""
+    from autosplit.adapters.base import ValueLayout
+    from autosplit.loader import MAX_SOURCE_BYTES
+
+    return {name: ValueLayout(ragged_axis=0, max_len=MAX_SOURCE_BYTES) for name in TEXT_SOURCES}
 
 
 def build_graph(adapter: Adapter, task: str, *, vae_latents: str = "mode", random_flip_p: float = 0.0,

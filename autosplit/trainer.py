@@ -30,9 +30,9 @@ from autosplit.checkpoint import TrainState, checkpoint_root, latest_checkpoint,
 from autosplit.data import Sample
 from autosplit.errors import CheckpointError, ConfigError
 from autosplit.graph import UnitContext, run_units
-from autosplit.loader import PrefetchLoader, collate, to_device
+from autosplit.loader import PrefetchLoader, collate, decode_sources, to_device
 from autosplit.models import load_components
-from autosplit.planner import Plan
+from autosplit.planner import SOURCE, Plan
 from autosplit.session import Session, check_components_present
 from autosplit.stage1 import compute_sample, stage1_context
 
@@ -127,8 +127,9 @@ def _sample_reader(session: Session, plan: Plan, cache_path: Path | None, sample
     if plan.split:
         reader = open_reader(cache_path, kind=session.config.cache.reader)
         submit = getattr(reader, "submit", None)
-        return (reader.read, reader.bucket_keys, lambda items: collate(items, ragged), None, reader.shard_size,
-                submit)
+        sources = [v.name for v in plan.cached if v.producer == SOURCE]
+        return (reader.read, reader.bucket_keys, lambda items: decode_sources(collate(items, ragged), sources), None,
+                reader.shard_size, submit)
     units, ctx = stage1_context(session, plan)
     names = [v.name for v in plan.cached]
 
