@@ -358,3 +358,14 @@ def test_remainder_is_exactly_the_unreached_batches(old, new, done, batch_size):
     assert sorted(left) == sorted(b for batches in per_rank for b in batches[done:])
     dealt = [deal(left, rank=r, world_size=new) for r in range(new)]
     assert len({len(d) for d in dealt}) == 1 and len(left) - sum(map(len, dealt)) < new
+
+
+def test_dataset_sources_round_trip_through_the_cache_encoding():
+    from autosplit.loader import collate, decode_sources, encode_source
+
+    samples = [{"prompt": "a red circle", "sample_id": 3, "image_size": (64, 48), "cfg_scale": 1.5},
+               {"prompt": "ünïcode ✓", "sample_id": 11, "image_size": (32, 32), "cfg_scale": 4.0},
+               {"prompt": "", "sample_id": 0, "image_size": (16, 16), "cfg_scale": 0.0}]
+    encoded = [{k: encode_source(v) for k, v in s.items()} for s in samples]
+    batch = decode_sources(collate(encoded, {"prompt": 0}), ["prompt", "sample_id", "image_size", "cfg_scale"])
+    assert batch == {k: [s[k] for s in samples] for k in samples[0]}

@@ -219,6 +219,20 @@ def test_cached_augmentation_variants_match_unsplit_and_vary_by_epoch(tmp_path, 
     assert 0 < sum(flips) < 16  # some variants flipped, some not (p = 0.5)
 
 
+def test_a_flip_drawn_every_step_reads_its_sources_from_the_cache_and_matches_unsplit(tmp_path, tiny_model,
+                                                                                      tiny_dataset):
+    args = [*STEPS, "--set", "data.random_flip=0.5"]
+    assert run("--output_path", str(tmp_path / "split"), *args) == 0
+    assert run("--no-split", "--output_path", str(tmp_path / "unsplit"), *args) == 0
+    a, b = load_file(tmp_path / "split/lora.safetensors"), load_file(tmp_path / "unsplit/lora.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert losses(tmp_path / "split") == losses(tmp_path / "unsplit")
+    plan = json.loads((tmp_path / "split/plan.json").read_text())
+    assert {u["name"]: u["stage"] for u in plan["units"]}["random_flip"] == 2
+    sources = [v["name"] for v in plan["cached"] if v["producer"] == "dataset"]
+    assert sources == ["sample_id", "variant"]  # the flip reads them in stage 2
+
+
 def test_variant_choice_is_a_pure_function_of_seed_epoch_and_sample():
     from autosplit.trainer import _VariantPicker
 
