@@ -40,7 +40,8 @@ _FLAG_HELP = {
     "max_steps": "stop after this many optimizer steps (0: no limit)",
     "mixed_precision": "accelerate mixed precision: no, bf16, fp16",
     "output_path": "output folder (LoRA, logs; the cache for sft:data_process)",
-    "lora_base_model": "component that gets the LoRA: dit (the family's denoiser), transformer or unet",
+    "lora_base_model": "component(s) that get the LoRA, comma-separated: dit (the family's denoiser), transformer or "
+                       "unet, plus text_encoder (or text_encoder_2) to train a text encoder too",
     "lora_target_modules": "comma-separated module names to wrap with LoRA (default: the family's list)",
     "lora_rank": "LoRA rank",
     "model_paths": "local diffusers pipeline folder (default: the built-in tiny pipeline)",

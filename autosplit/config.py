@@ -81,10 +81,13 @@ class TrainConfig:
 
 @dataclass
 class LoraConfig:
-    #: component to train, by the seed's name ("dit") or diffusers' ("transformer")
+    #: component(s) to train, comma-separated, by the seed's name ("dit") or diffusers'
+    #: ("transformer"); "dit,text_encoder" trains the text encoder too
     base_model: str = "dit"
-    #: comma-separated module name suffixes; empty means the family's default list
+    #: comma-separated module name suffixes of the denoiser; empty means the family's default list
     target_modules: str = ""
+    #: the same for a trained text encoder; empty means its attention projections
+    text_encoder_target_modules: str = ""
     rank: int = 32
     #: alpha; 0 means equal to rank (scale 1), as DiffSynth-Studio trains
     alpha: float = 0.0

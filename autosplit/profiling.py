@@ -62,8 +62,8 @@ def prompt_with_tokens(tokenizer: Any, num_tokens: int) -> str:
 
 
 def _context(session: Session, components: dict[str, Any], device: torch.device) -> UnitContext:
-    (trainable,) = session.trainable
-    make_trainable(session, components[trainable], trainable)
+    for name in session.trainable:
+        make_trainable(session, components[name], name)
     return UnitContext(components, device, session.dtype, generator=step_generator(session.config.train.seed, 0),
                        settings=session.settings)
 

@@ -133,16 +133,31 @@ def open_session(config: RunConfig) -> Session:
     dtype_name = config.model.dtype
     if dtype_name == "auto":
         dtype_name = "bfloat16" if device.type == "cuda" else "float32"
-    base = config.lora.base_model
-    if base not in adapter.base_model_aliases:
-        raise ConfigError(f"--lora_base_model {base!r} is unknown for {adapter.name}; "
-                          f"choose one of {sorted(adapter.base_model_aliases)}")
+    trainable = trainable_components(adapter, graph, config.lora.base_model)
     root = Path(config.model.path) if config.model.path else builtin_model_root(adapter)
     read_model_index(root, adapter=adapter, components=[])
     return Session(config=config, adapter=adapter, task=task, mode=mode, model_root=root, device=device,
-                   dtype=_DTYPES[dtype_name], graph=graph, trainable=(adapter.base_model_aliases[base],),
+                   dtype=_DTYPES[dtype_name], graph=graph, trainable=trainable,
                    settings={"patch_size": 2, "seed": config.train.seed, "random_flip": config.data.random_flip,
                              "variants": config.cache.variants})
+
+
+def trainable_components(adapter: Adapter, graph: UnitGraph, base_model: str) -> tuple[str, ...]:
+    """The components `--lora_base_model` names (comma-separated): the denoiser by its alias, and
+    any text encoder of the family by its component name. The denoiser comes first."""
+    used = {c for unit in graph for c in unit.components}
+    aliases = {**adapter.base_model_aliases, **{c: c for c in used if c.startswith("text_encoder")}}
+    names = [n.strip() for n in base_model.split(",") if n.strip()]
+    unknown = [n for n in names if n not in aliases]
+    if unknown or not names:
+        raise ConfigError(f"--lora_base_model {base_model!r}: {unknown or 'nothing'} is unknown for {adapter.name}; "
+                          f"choose from {sorted(aliases)}, comma-separated")
+    chosen = list(dict.fromkeys(aliases[n] for n in names))
+    denoiser = adapter.base_model_aliases["dit"]
+    if denoiser not in chosen:
+        raise ConfigError(f"--lora_base_model {base_model!r}: the denoiser is always trained; "
+                          f"use dit,{','.join(chosen)}")
+    return (denoiser, *[c for c in chosen if c != denoiser])
 
 
 def check_components_present(session: Session, names: list[str]) -> None:

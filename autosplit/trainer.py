@@ -83,21 +83,36 @@ def check_lora_targets(model: torch.nn.Module, targets: list[str], *, component:
                           f"Linear module names there include {leaves[:12]}")
 
 
-def lora_targets(session: Session) -> list[str]:
-    """`--lora_target_modules`, or the family's default list when it is empty."""
-    targets = [t.strip() for t in session.config.lora.target_modules.split(",") if t.strip()]
-    return targets or list(session.adapter.default_lora_targets)
+#: a text encoder's LoRA targets when `lora.text_encoder_target_modules` is empty: the attention
+#: projections it has (Qwen2.5-VL and CLIP: q/k/v_proj + o_proj/out_proj; T5: q, k, v, o)
+TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "out_proj", "q", "k", "v", "o")
+
+
+def lora_targets(session: Session, component: str, model: torch.nn.Module | None = None) -> list[str]:
+    """`--lora_target_modules` (the denoiser) or `lora.text_encoder_target_modules`, or the default
+    list when empty: the family's for the denoiser; for a text encoder, the projections `model` has."""
+    lora = session.config.lora
+    denoiser = component == session.trainable[0]
+    given = lora.target_modules if denoiser else lora.text_encoder_target_modules
+    targets = [t.strip() for t in given.split(",") if t.strip()]
+    if targets:
+        return targets
+    if denoiser:
+        return list(session.adapter.default_lora_targets)
+    names = {name.rsplit(".", 1)[-1] for name, m in (model.named_modules() if model is not None else ())
+             if isinstance(m, torch.nn.Linear)}
+    return [t for t in TEXT_ENCODER_TARGETS if t in names]
 
 
 def check_trainable_early(session: Session) -> None:
-    """Check the LoRA target modules on a weightless copy of the trained component, so a typo
+    """Check the LoRA target modules on a weightless copy of each trained component, so a typo
     fails before stage 1 rather than after it."""
     if session.config.lora.full_finetune:
         return
-    (name,) = session.trainable
-    check_components_present(session, [name])
-    check_lora_targets(empty_component(session.adapter, session.model_root, name), lora_targets(session),
-                       component=name)
+    check_components_present(session, list(session.trainable))
+    for name in session.trainable:
+        model = empty_component(session.adapter, session.model_root, name)
+        check_lora_targets(model, lora_targets(session, name, model), component=name)
 
 
 def make_trainable(session: Session, model: torch.nn.Module, component: str) -> list[torch.nn.Parameter]:
@@ -108,15 +123,22 @@ def make_trainable(session: Session, model: torch.nn.Module, component: str) -> 
     else:
         from peft import LoraConfig
 
-        targets = lora_targets(session)
+        targets = lora_targets(session, component, model)
         check_lora_targets(model, targets, component=component)
         torch.manual_seed(session.config.train.seed)  # LoRA init draws from the global RNG
-        model.add_adapter(LoraConfig(r=lora.rank, lora_alpha=lora.alpha or lora.rank, target_modules=targets))
+        config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha or lora.rank, target_modules=targets)
+        if component == session.trainable[0]:
+            model.add_adapter(config)  # diffusers' PEFT integration
+        else:  # a transformers text encoder: peft directly (transformers' add_adapter wants a newer peft)
+            from peft import inject_adapter_in_model
+
+            inject_adapter_in_model(config, model, adapter_name="default")
+            model.peft_config = {"default": config}
     params = [p for p in model.parameters() if p.requires_grad]
     for p in params:  # train in fp32 even when the frozen weights are bf16
         p.data = p.data.float()
     if session.config.train.gradient_checkpointing and hasattr(model, "enable_gradient_checkpointing"):
-        model.enable_gradient_checkpointing()
+        model.enable_gradient_checkpointing()  # diffusers models; a text encoder keeps its activations
     model.train()
     return params
 
@@ -190,10 +212,11 @@ def train(session: Session, plan: Plan, output: Path, *, cache_path: Path | None
     names = plan.components(2)
     check_components_present(session, names)
     components = load_components(session.adapter, session.model_root, names, device=device, dtype=session.dtype)
-    (trainable,) = session.trainable
-    params = make_trainable(session, components[trainable], trainable)
+    trained = session.trainable  # the denoiser first, then any text encoder
+    params = [p for name in trained for p in make_trainable(session, components[name], name)]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate)
-    components[trainable], optimizer = accelerator.prepare(components[trainable], optimizer)
+    *prepared, optimizer = accelerator.prepare(*[components[name] for name in trained], optimizer)
+    components.update(zip(trained, prepared))
     read, buckets, submit, pick = _one_variant_per_epoch(read, buckets, submit, session.config.cache.variants,
                                                          cfg.seed)
     loader = PrefetchLoader(read, buckets, make_batch=make_batch, batch_size=cfg.batch_size, seed=cfg.seed,
@@ -207,13 +230,13 @@ def train(session: Session, plan: Plan, output: Path, *, cache_path: Path | None
     if accelerator.is_main_process:
         output.mkdir(parents=True, exist_ok=True)
         (output / "plan.json").write_text(plan.to_json())
-    state = _maybe_resume(session, accelerator, components[trainable], optimizer, loader, output)
+    model = trained_modules(session, {name: accelerator.unwrap_model(components[name]) for name in trained})
+    state = _maybe_resume(session, accelerator, model, optimizer, loader, output)
     log, micro, start = list(state.log), state.micro_step, time.perf_counter()
     total = _planned_steps(loader, done=len(log), num_epochs=cfg.num_epochs, max_steps=cfg.max_steps,
                            accumulation=cfg.gradient_accumulation_steps)
     step_seconds: list[float] = []
     accelerator.step = micro  # gradient accumulation continues its cycle
-    model = accelerator.unwrap_model(components[trainable])
 
     def checkpoint() -> None:
         if cfg.checkpoint_every and accelerator.is_main_process:
@@ -235,7 +258,7 @@ def train(session: Session, plan: Plan, output: Path, *, cache_path: Path | None
                 if inline is not None:
                     batch = inline(batch)
                 batch = to_device(batch, device)
-                with accelerator.accumulate(components[trainable]):
+                with accelerator.accumulate(*prepared):
                     generator = step_generator(cfg.seed, micro, accelerator.process_index)
                     ctx = UnitContext(components, device, session.dtype, generator=generator, settings=session.settings)
                     loss = run_units(units, batch, ctx)[session.graph.loss]
@@ -261,7 +284,8 @@ def train(session: Session, plan: Plan, output: Path, *, cache_path: Path | None
     if trace is not None:
         trace.close()
     checkpoint()
-    digest = _save(session, accelerator, components[trainable], output)
+    digest = _save(session, accelerator, {name: accelerator.unwrap_model(components[name]) for name in trained},
+                   output)
     _log_stats(accelerator, device, steps=len(log) - state.step, step_seconds=step_seconds, digest=digest)
     return TrainResult(len(log), [entry["loss"] for entry in log], output, time.perf_counter() - start,
                        accelerator.is_main_process)
@@ -340,19 +364,43 @@ def _open_log(output: Path, entries: list[dict[str, Any]], *, write: bool) -> An
     return f
 
 
-def _save(session: Session, accelerator: Any, model: torch.nn.Module, output: Path) -> str:
-    """Write the trained weights (main process only); return this rank's digest of them."""
-    model = accelerator.unwrap_model(model)
+def trained_modules(session: Session, models: dict[str, torch.nn.Module]) -> torch.nn.Module:
+    """What checkpoints save and restore: the trained component itself, or, when a text encoder
+    trains too, a ModuleDict of them (parameter names prefixed with the component)."""
+    return models[session.trainable[0]] if len(models) == 1 else torch.nn.ModuleDict(models)
+
+
+def save_peft_adapter(folder: Path, state: dict[str, torch.Tensor], config: dict[str, Any]) -> None:
+    """A LoRA in PEFT's folder format (`adapter_config.json`, `adapter_model.safetensors`), which
+    `peft.PeftModel.from_pretrained(model, folder)` and transformers' `model.load_adapter(folder)` load."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
+    (folder / "adapter_config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
+    save_file({f"base_model.model.{k}": v.contiguous() for k, v in state.items()}, folder / "adapter_model.safetensors")
+
+
+def _save(session: Session, accelerator: Any, models: dict[str, torch.nn.Module], output: Path) -> str:
+    """Write the trained weights (main process only); return this rank's digest of them.
+
+    LoRAs go to `lora.safetensors` through the family's diffusers pipeline for every component its
+    `save_lora_weights` takes (the denoiser; SD, SDXL and FLUX text encoders too); a text encoder
+    it does not take (Qwen-Image's, Wan's) is saved as a PEFT adapter folder, `<component>_lora/`,
+    which `model.load_adapter(folder)` loads. Full fine-tuning saves each component's folder.
+    """
     if session.config.lora.full_finetune:
-        digest = weights_digest({n: p for n, p in model.named_parameters()})
+        digest = weights_digest({f"{c}.{n}": p for c, m in models.items() for n, p in m.named_parameters()})
         if accelerator.is_main_process:
-            model.save_pretrained(output / session.trainable[0], safe_serialization=True)
+            for name, model in models.items():
+                model.save_pretrained(output / name, safe_serialization=True)
         return digest
     from peft.utils import get_peft_model_state_dict
 
-    state = get_peft_model_state_dict(model)
+    states = {name: get_peft_model_state_dict(model) for name, model in models.items()}
     if accelerator.is_main_process:
-        metadata = model.peft_config["default"].to_dict() if hasattr(model, "peft_config") else None
-        save_lora(session.adapter, output, state, component=session.trainable[0], weight_name=LORA_WEIGHT_NAME,
-                  metadata=metadata)
-    return weights_digest(state)
+        layers = {name: (state, models[name].peft_config["default"].to_dict()
+                         if hasattr(models[name], "peft_config") else None) for name, state in states.items()}
+        for name in save_lora(session.adapter, output, layers, weight_name=LORA_WEIGHT_NAME):
+            save_peft_adapter(output / f"{name}_lora", *layers[name])
+    return weights_digest({f"{c}.{n}": t for c, state in states.items() for n, t in state.items()})

@@ -111,16 +111,27 @@ def component_from_config(adapter: Adapter, root: Path | None, name: str, *,
     return full_size.build(table, adapter.name, name, overrides=overrides)
 
 
-def save_lora(adapter: Adapter, output_dir: Path, state_dict: dict[str, torch.Tensor], *,
-              component: str, weight_name: str, metadata: dict[str, Any] | None = None) -> Path:
-    """Save a LoRA of the trained `component` ("transformer" or "unet") with the family's diffusers
-    pipeline class, so the same pipeline's `load_lora_weights` reads it."""
+def save_lora(adapter: Adapter, output_dir: Path, layers: dict[str, tuple[dict[str, torch.Tensor], Any]], *,
+              weight_name: str) -> list[str]:
+    """Save the LoRA of each trained component (name -> (state dict, adapter metadata)) into one
+    file with the family's diffusers pipeline class, so the same pipeline's `load_lora_weights`
+    reads it. Returns the components that pipeline cannot save (for the caller to save apart)."""
+    import inspect
+
     import diffusers
 
     pipeline = getattr(diffusers, adapter.pipeline_class)
-    pipeline.save_lora_weights(output_dir, weight_name=weight_name, **{f"{component}_lora_layers": state_dict,
-                                                                      f"{component}_lora_adapter_metadata": metadata})
-    return output_dir / weight_name
+    accepted = inspect.signature(pipeline.save_lora_weights).parameters
+    kwargs, left = {}, []
+    for name, (state, metadata) in layers.items():
+        if f"{name}_lora_layers" not in accepted:
+            left.append(name)
+            continue
+        kwargs[f"{name}_lora_layers"] = state
+        if f"{name}_lora_adapter_metadata" in accepted:
+            kwargs[f"{name}_lora_adapter_metadata"] = metadata
+    pipeline.save_lora_weights(output_dir, weight_name=weight_name, **kwargs)
+    return left
 
 
 def empty_component(adapter: Adapter, root: Path | None, name: str) -> torch.nn.Module:
