@@ -272,7 +272,8 @@ def test_seed_flags_set_the_right_keys():
                   "gradient_accumulation_steps": 2, "max_steps": 100, "seed": 11, "gradient_checkpointing": False,
                   "mixed_precision": "bf16", "checkpoint_every": 0, "checkpoints_kept": 2, "resume": False,
                   "find_unused_parameters": True},
-        "lora": {"base_model": "transformer", "target_modules": "to_q,to_v", "rank": 16, "alpha": 0.0,
+        "lora": {"base_model": "transformer", "target_modules": "to_q,to_v", "text_encoder_target_modules": "",
+                 "rank": 16, "alpha": 0.0,
                  "full_finetune": False},
         "cache": {"path": "/cache", "shard_size": 64, "zstd_level": 1, "batch_size": 1, "reader": "tensorstore",
                   "variants": 3},
@@ -285,5 +286,5 @@ def test_all_keys_lists_top_level_and_nested_keys():
     assert keys[0] == "output_path"
     assert {"model.path", "data.base_path", "train.learning_rate", "lora.rank", "cache.zstd_level"} <= set(keys)
     assert not {"model", "data", "train", "lora", "cache"} & set(keys)
-    assert len(keys) == len(set(keys)) == 1 + 4 + 10 + 14 + 5 + 6 + 3
+    assert len(keys) == len(set(keys)) == 1 + 4 + 10 + 14 + 6 + 6 + 3
     assert all(re.fullmatch(r"[a-z_]+(\.[a-z_0-9]+)?", k) for k in keys)

@@ -59,7 +59,8 @@ def test_trainable_component_moves_its_unit_and_everything_downstream():
     plan = make_plan(graph, pipeline="t", task="sft", trainable=("text_encoder", "transformer"))
     assert plan.stage_units(1) == ["encode_image"]
     assert plan.stage_units(2) == ["encode_text", "project", "loss"]
-    assert [v.name for v in plan.cached] == ["latents"]
+    assert [v.name for v in plan.cached] == ["prompt", "latents"]  # stage 2 reads the prompt from the cache
+    assert plan.cached_value("prompt").producer == "dataset"
     assert plan.units[0].reason.startswith("stage 2: uses trainable text_encoder")
 
 
@@ -71,7 +72,7 @@ def test_random_unit_and_its_consumers_stay_in_stage2_and_nothing_random_is_cach
     ], sources=("image",))
     plan = make_plan(graph, pipeline="t", task="sft", trainable=("transformer",))
     assert plan.stage_units(1) == []
-    assert plan.cached == ()
+    assert [(v.name, v.producer) for v in plan.cached] == [("image", "dataset")]  # nothing computed is cached
     assert plan.units[1].reason == "stage 2: reads cropped from stage 2"
 
 
@@ -143,7 +144,7 @@ def test_seeded_noise_is_cached_and_step_noise_is_not():
         ("seed", "x"), {"seed": [5], "x": torch.zeros(1)}, {"net": net})
     assert profile.unit("seeded_noise").seeded_random_ops == ("randn.generator",)
     assert plan.stage_units(1) == ["seeded_noise"]
-    assert [v.name for v in plan.cached] == ["init"]
+    assert [v.name for v in plan.cached] == ["x", "init"]
     assert dict((u.name, u.reason) for u in plan.units)["step_noise"] == \
         "stage 2: draws per-step random numbers (randn.generator)"
 
@@ -210,7 +211,7 @@ def test_lora_on_the_text_encoder_moves_text_encoding_to_stage2():
     plan = make_plan(build_graph(adapter, "sft"), pipeline="qwen_image", task="sft",
                      trainable=("transformer", "text_encoder"), layouts=adapter.value_layouts())
     assert plan.stage_units(1) == ["load_image", "encode_image"]
-    assert [v.name for v in plan.cached] == ["image_latents"]
+    assert [v.name for v in plan.cached] == ["prompt", "image_latents"]
     assert "text_encoder" in plan.components(2) and "vae" not in plan.components(2)
 
 
