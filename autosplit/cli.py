@@ -231,6 +231,9 @@ def _add_profile_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image_size", default=None, metavar="WxH",
                         help="profile a synthetic image of this size instead of the dataset's first sample")
     parser.add_argument("--prompt_tokens", type=int, default=None, help="profile a prompt of about this many tokens")
+    parser.add_argument("--num_frames", type=int, default=None,
+                        help="video families: profile a synthetic clip of this many frames (4k+1, e.g. 81) of "
+                             "--image_size")
 
 
 def _image_size(text: str | None) -> tuple[int, int] | None:
@@ -247,14 +250,20 @@ def _profile(args: argparse.Namespace, session: Any) -> Any:
     from autosplit.profiling import profile_fake, profile_real
 
     size = _image_size(args.image_size)
+    if args.num_frames is not None:
+        if session.adapter.media != "video":
+            raise ConfigError(f"--num_frames: the {session.adapter.name} family trains on images; drop the flag")
+        if size is None or args.num_frames < 1 or args.num_frames % 4 != 1:
+            raise ConfigError(f"--num_frames {args.num_frames}: give 4k+1 frames (1, 5, ..., 81) with --image_size WxH")
     mode = "fake" if args.fake else session.config.plan.profile
     if mode == "none":
         return None
     if mode == "fake":
         if args.fake and session.config.model.dtype == "auto":  # planning for a GPU: its dtype
             session = dataclasses.replace(session, dtype=torch.bfloat16)
-        return profile_fake(session, full_size=args.fake, image_size=size, prompt_tokens=args.prompt_tokens)
-    return profile_real(session, image_size=size, prompt_tokens=args.prompt_tokens)
+        return profile_fake(session, full_size=args.fake, image_size=size, prompt_tokens=args.prompt_tokens,
+                            num_frames=args.num_frames)
+    return profile_real(session, image_size=size, prompt_tokens=args.prompt_tokens, num_frames=args.num_frames)
 
 
 def add_profile_parser(subparsers: Any) -> None:
@@ -387,7 +396,8 @@ def bench_command(args: argparse.Namespace) -> int:
     model = Path(config.model.path).name if config.model.path else ("full" if args.fake else "tiny")
     key = args.budget_key or budget_key(session.adapter.name, model, profile.mode, session.task)
     dtype = torch.bfloat16 if args.fake and config.model.dtype == "auto" else session.dtype  # as _profile does
-    inputs = profile_inputs(dtype, image_size=args.image_size, prompt_tokens=args.prompt_tokens)
+    inputs = profile_inputs(dtype, image_size=args.image_size, prompt_tokens=args.prompt_tokens,
+                            num_frames=args.num_frames)
     status = 0
     if baseline is not None:
         budget = budget_entry(baseline, key, args.baseline)

@@ -171,9 +171,13 @@ def write_budget(path: Path, key: str, entry: dict[str, Any], *,
     tmp.replace(path)
 
 
-def profile_inputs(dtype: Any, *, image_size: str | None = None, prompt_tokens: int | None = None) -> dict[str, Any]:
+def profile_inputs(dtype: Any, *, image_size: str | None = None, prompt_tokens: int | None = None,
+                   num_frames: int | None = None) -> dict[str, Any]:
     """What a budget records of how the profile was made (the batch and dtype change every number)."""
-    return {"image_size": image_size, "prompt_tokens": prompt_tokens, "dtype": str(dtype).removeprefix("torch.")}
+    inputs = {"image_size": image_size, "prompt_tokens": prompt_tokens, "dtype": str(dtype).removeprefix("torch.")}
+    if num_frames is not None:
+        inputs["num_frames"] = num_frames
+    return inputs
 
 
 def measure_pipeline(pipeline: str = "qwen_image", *, profile: str = "fake", task: str = "sft",

@@ -32,9 +32,10 @@ def _all_components(session: Session) -> list[str]:
 
 
 def profile_batch(session: Session, *, image_size: tuple[int, int] | None = None, prompt: str | None = None,
-                  workdir: Path | None = None) -> dict[str, Any]:
+                  workdir: Path | None = None, num_frames: int | None = None) -> dict[str, Any]:
     """The sources of one profiling batch: the first `batch_size` samples of the first bucket, or
-    a synthetic image of `image_size` (width, height) with `prompt`."""
+    a synthetic image of `image_size` (width, height) with `prompt` (a clip of `num_frames` such
+    frames, a frame folder, for video families)."""
     batch_size = session.config.train.batch_size
     if image_size is None:
         samples = session.samples()
@@ -45,8 +46,16 @@ def profile_batch(session: Session, *, image_size: tuple[int, int] | None = None
     path = Path(workdir or tempfile.mkdtemp(prefix="autosplit-profile-")) / f"profile_{image_size[0]}x{image_size[1]}.png"
     if not path.exists():
         Image.new("RGB", image_size, (127, 90, 200)).save(path)
+    if num_frames and num_frames > 1:
+        clip = path.with_name(f"{path.stem}_{num_frames}f")
+        clip.mkdir(exist_ok=True)
+        for i in range(num_frames):
+            frame = clip / f"{i:05d}.png"
+            if not frame.exists():
+                frame.write_bytes(path.read_bytes())
+        path = clip
     return {"image_path": [path] * batch_size, "image_size": [tuple(image_size)] * batch_size,
-            "num_frames": [1] * batch_size, "prompt": [prompt or "a purple square"] * batch_size,
+            "num_frames": [num_frames or 1] * batch_size, "prompt": [prompt or "a purple square"] * batch_size,
             "sample_id": list(range(batch_size))}
 
 
@@ -69,13 +78,13 @@ def _context(session: Session, components: dict[str, Any], device: torch.device)
 
 
 def profile_real(session: Session, *, image_size: tuple[int, int] | None = None,
-                 prompt_tokens: int | None = None) -> Profile:
+                 prompt_tokens: int | None = None, num_frames: int | None = None) -> Profile:
     """Profile with the model folder's weights on the session's device."""
     components = load_components(session.adapter, session.model_root, _all_components(session),
                                  device=session.device, dtype=session.dtype)
     ctx = _context(session, components, session.device)
     prompt = prompt_with_tokens(components["tokenizer"], prompt_tokens) if prompt_tokens else None
-    batch = profile_batch(session, image_size=image_size, prompt=prompt)
+    batch = profile_batch(session, image_size=image_size, prompt=prompt, num_frames=num_frames)
     return profile_graph(session.graph, batch, ctx, pipeline=session.adapter.name, task=session.task)
 
 
@@ -113,7 +122,8 @@ def _full_size_scheduler_folder(adapter: Any) -> Path:
 
 
 def profile_fake(session: Session, *, full_size: bool, image_size: tuple[int, int] | None = None,
-                 prompt_tokens: int | None = None, extrapolate: bool = True) -> Profile:
+                 prompt_tokens: int | None = None, extrapolate: bool = True,
+                 num_frames: int | None = None) -> Profile:
     """Profile from configs alone with fake tensors. `full_size` uses the family's full-size
     configuration when no model folder was given."""
     root = session.model_root if (session.config.model.path or not full_size) else None
@@ -126,7 +136,7 @@ def profile_fake(session: Session, *, full_size: bool, image_size: tuple[int, in
     with fake_build(fake_mode, session.dtype):
         ctx = _context(session, components, cpu)
     prompt = prompt_with_tokens(components["tokenizer"], prompt_tokens) if prompt_tokens else None
-    batch = profile_batch(session, image_size=image_size, prompt=prompt)
+    batch = profile_batch(session, image_size=image_size, prompt=prompt, num_frames=num_frames)
     trace = dict(pipeline=session.adapter.name, task=session.task, mode="fake")
     with fake_mode:
         one, values = trace_graph(session.graph, batch, ctx, **trace)

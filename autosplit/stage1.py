@@ -104,10 +104,10 @@ def _choose_target(cache_path: Path, key: dict[str, Any], *, replace_stale: bool
     return _Target(cache_path, None, True)
 
 
-def _distributed() -> Any:
+def _distributed(device: torch.device) -> Any:
     from accelerate import PartialState
 
-    return PartialState(cpu=True) if not torch.cuda.is_available() else PartialState()
+    return PartialState(cpu=device.type == "cpu")  # as the trainer's Accelerator will be
 
 
 def run_stage1(session: Session, plan: Plan, samples: list[Sample], cache_path: Path, *,
@@ -123,7 +123,7 @@ def run_stage1(session: Session, plan: Plan, samples: list[Sample], cache_path: 
     digests = [source_digest(s) for s in samples]
     key = session.stage1_key(plan, samples, [d.source for d in digests])
     buckets = make_buckets([s.bucket for s in samples])
-    state = _distributed()
+    state = _distributed(session.device)
     target = _choose_target(cache_path, key, replace_stale=replace_stale)
     state.wait_for_everyone()  # every rank chose before the main process changes anything
     extra = {"image_sha256": np.frombuffer(b"".join(d.image for d in digests), np.uint8).reshape(-1, 32),

@@ -3,9 +3,8 @@ bench/update_budgets.py (which writes profiles/ from one measurement)."""
 
 from __future__ import annotations
 
-#: (pipeline, profile mode of `measure_pipeline`, budget entry's mode); Wan is left out: fake tracing
-#: cannot follow its data-dependent ops (the planner falls back to its declarations)
-CASES = [(p, m) for m in ("fake", "real") for p in ("qwen_image", "flux", "sd", "sdxl")]
+#: (pipeline, profile mode of `measure_pipeline`, budget entry's mode)
+CASES = [(p, m) for m in ("fake", "real") for p in ("qwen_image", "flux", "sd", "sdxl", "wan")]
 
 
 def entry_key(pipeline: str, profile_mode: str) -> str:

@@ -40,7 +40,7 @@ def test_committed_budgets_match_the_committed_profiles(autosplit_home):
 
     budgets = load_budgets(BUDGETS)
     assert budgets["tolerance"] == {"memory": 0.02, "flops": 0.0}
-    assert len(budgets["budgets"]) == 8
+    assert len(budgets["budgets"]) == 10  # qwen_image, flux, sd, sdxl, wan x fake, cpu
     for key, entry in budgets["budgets"].items():
         profile = Profile.from_dict(json.loads((PROFILES / f"{key}.json").read_text()))
         session = open_session(load_config(toml_path=None, sets=[], flags={"pipeline": entry["pipeline"]}))

@@ -46,10 +46,13 @@ def encode_prompt(values: Mapping[str, Any], ctx: UnitContext) -> dict[str, Any]
 
     tokens = ctx.components["tokenizer"]([prompt_clean(p) for p in values["prompt"]], padding="max_length",
                                          max_length=TEXT_TOKENS, truncation=True, add_special_tokens=True,
-                                         return_attention_mask=True, return_tensors="pt").to(ctx.device)
-    states = ctx.components["text_encoder"](tokens.input_ids, tokens.attention_mask).last_hidden_state
-    longest = int(tokens.attention_mask.sum(1).max())
-    embeds = states[:, :longest] * tokens.attention_mask[:, :longest, None]  # zeros past each prompt's end
+                                         return_attention_mask=True)
+    # lengths from the token lists, as Python ints: fake-tensor profiling traces this too
+    longest = max(sum(m) for m in tokens.attention_mask)
+    input_ids = torch.tensor(tokens.input_ids, device=ctx.device)
+    mask = torch.tensor(tokens.attention_mask, device=ctx.device)
+    states = ctx.components["text_encoder"](input_ids, mask).last_hidden_state
+    embeds = states[:, :longest] * mask[:, :longest, None]  # zeros past each prompt's end
     return {"prompt_embeds": embeds.to(ctx.dtype)}
 
 

@@ -139,7 +139,8 @@ def test_cache_is_plain_zarr_v3(manual_split):
     assert manifest["complete"] is True and manifest["num_samples"] == 16
     bucket, row = int(group["index/bucket"][0]), int(group["index/row"][0])
     latents = group[f"buckets/{bucket}/image_latents"]
-    assert latents.attrs["dtype"] == "float32" and latents.shape[1] == 16
+    auto_dtype = "bfloat16" if torch.cuda.is_available() else "float32"  # --dtype auto
+    assert latents.attrs["dtype"] == auto_dtype and latents.shape[1] == 16
     length = int(group[f"buckets/{bucket}/prompt_embeds.length"][row])
     embeds = group[f"buckets/{bucket}/prompt_embeds"][row, :length]
     assert embeds.shape == (length, 32) and abs(embeds).sum() > 0
