@@ -359,10 +359,11 @@ def _placement(unit: Unit, stage1: frozenset[str], forced: str | None, facts: _F
         size = sum(v.bytes_per_sample or 0 for v in names)
         kept = [v.name for v in names if not v.name.startswith(unit.name + ".")]
         ops = ", ".join(measured.random_ops)
-        reason = (f"split: stage 1 caches {', '.join(kept) or 'its clean part'}"
-                  f"{f' + {len(fission.frontier)} frontier tensors' if fission.frontier else ''} and the recorded "
-                  f"graph, {_kib(size)} per sample; stage 2 replays the random part ({ops}, {fission.ops} ops) "
-                  f"without {', '.join(unit.components) or 'the unit'}")
+        parts = [*kept, *([f"{len(fission.frontier)} frontier tensors"] if fission.frontier else []),
+                 "the recorded graph"]
+        reason = (f"split: stage 1 caches {', '.join(parts[:-1])} and {parts[-1]}, {_kib(size)} per sample; "
+                  f"stage 2 replays the random part ({ops}, {fission.ops} ops) without "
+                  f"{', '.join(unit.components) or 'the unit'}")
         return UnitPlacement(unit.name, 1, reason, unit.components, peak_bytes=measured.peak_bytes,
                              flops=measured.flops, seconds=measured.seconds, needs_grad=False,
                              random_ops=measured.random_ops, replays=fission.dirty_outputs,
