@@ -11,8 +11,15 @@ training steps (forward, backward, AdamW step) of
 It also writes the real-CUDA profile of every unit. Results go to $OUT (or --out):
 accuracy.json, fake_profile.json, cuda_profile.json, plan.json.
 
+With --fused, image encoding draws a fresh posterior sample in the same unit (VAE encode +
+sample, as one function), which the planner splits inside (autosplit.fission): it measures stage 2
+of that split plan (VAE freed, the sampling replayed) and stage 2 with the unit kept whole (VAE
+resident, as an unsplit placement of it would need), each against its prediction. Results go to
+fused_accuracy.json.
+
     python bench/gpu/qwen_image_accuracy.py --out "$OUT"              # GPU host, ~5 min
     python bench/gpu/qwen_image_accuracy.py --tiny --device cpu --out /tmp/acc   # smoke test here
+    python bench/gpu/qwen_image_accuracy.py --fused --out "$OUT"      # the split-inside unit
 """
 
 from __future__ import annotations
@@ -30,12 +37,14 @@ from typing import Any
 import torch
 
 from autosplit.config import load_config
-from autosplit.graph import UnitContext, run_units
+from autosplit.graph import Unit, UnitContext, UnitGraph, run_units
 from autosplit.models import load_components
 from autosplit.planner import make_plan
 from autosplit.profiler import default_dtype, profile_graph
+from autosplit.adapters.qwen_image import encode_image_dist
 from autosplit.profiling import profile_batch, profile_fake, prompt_with_tokens
 from autosplit.session import Session, open_session
+from autosplit.tasks import sample_latents
 from autosplit.trainer import make_trainable, step_generator
 
 GIB = 1 << 30
@@ -45,6 +54,17 @@ def session_for(device: str, tiny: bool) -> Session:
     sets = ["model.dtype=bfloat16", "train.gradient_checkpointing=true", f"model.device={device}",
             "plan.profile=none"]
     return open_session(load_config(toml_path=None, sets=sets, flags={}))
+
+
+def fused_session(session: Session) -> Session:
+    """The session with `encode_image` replaced by one unit that encodes and samples the posterior."""
+
+    def encode_and_sample(values: dict[str, Any], ctx: UnitContext) -> dict[str, Any]:
+        return sample_latents(encode_image_dist(values, ctx), ctx)
+
+    units = [Unit(u.name, u.inputs, u.outputs, encode_and_sample, u.components) if u.name == "encode_image" else u
+             for u in session.graph]
+    return dataclasses.replace(session, graph=UnitGraph(units, sources=session.graph.sources))
 
 
 def build_models(session: Session, root: Path | None, device: torch.device) -> dict[str, Any]:
@@ -99,7 +119,10 @@ def main() -> None:
     parser.add_argument("--image", type=int, default=1024)
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--fused", action="store_true", help="encode + posterior sample in one unit, split inside")
     args = parser.parse_args()
+    if args.fused:
+        return fused_main(args)
     args.out.mkdir(parents=True, exist_ok=True)
     device = torch.device(args.device)
     session = session_for(args.device, args.tiny)
@@ -167,6 +190,59 @@ def main() -> None:
         }
     (args.out / "accuracy.json").write_text(json.dumps(result, indent=1))
     print(json.dumps(result.get("ratio_predicted_over_measured", {}), indent=1))
+
+
+def fused_main(args: argparse.Namespace) -> None:
+    """Stage 2 of a plan that splits the fused encode + sample unit vs keeping it whole."""
+    args.out.mkdir(parents=True, exist_ok=True)
+    device = torch.device(args.device)
+    session = fused_session(session_for(args.device, args.tiny))
+    root = session.model_root if args.tiny else None
+    size = (args.image, args.image)
+    fake = profile_fake(session, full_size=not args.tiny, image_size=size, prompt_tokens=args.tokens)
+    plans = {split: make_plan(session.graph, pipeline="qwen_image", task="sft", trainable=session.trainable,
+                              layouts=session.adapter.value_layouts(), profile=fake, split=split)
+             for split in (True, False)}  # split=False keeps the unit whole (its unsplit placement)
+    (args.out / "fused_plan.json").write_text(plans[True].to_json())
+    components = build_models(session, root, device)
+    params = make_trainable(session, components["transformer"], "transformer")
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    ctx = UnitContext(components, device, torch.bfloat16, generator=step_generator(0, 0), settings=session.settings)
+    sources = profile_batch(session, image_size=size, prompt=prompt_with_tokens(components["tokenizer"], args.tokens),
+                            workdir=args.out)
+    batches = {}
+    for split in (False, True):  # stage 1 of both plans while every component is there
+        with torch.no_grad():
+            values = run_units(plans[split].runnable_units(session.graph, 1), sources, ctx)
+        batches[split] = {**sources, **{v.name: values[v.name] for v in plans[split].cached if v.name in values}}
+        del values
+    measured = {}
+    for name, split, freed in (("whole", False, "text_encoder"), ("split", True, "vae")):
+        del components[freed]  # whole: the VAE stays resident; split: it goes too
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        step_ctx = dataclasses.replace(ctx, components=components)
+        measured[name] = peak_of_steps(plans[split].runnable_units(session.graph, 2), batches.pop(split), step_ctx,
+                                       optimizer, [], device, args.steps)
+        print(name, measured[name], flush=True)
+        del step_ctx
+    unit = next(u for u in plans[True].units if u.name == "encode_image")
+    result = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+        "torch": torch.__version__, "tiny": args.tiny, "image": size, "prompt_tokens": args.tokens,
+        "split_unit": {"stage": unit.stage, "replays": unit.replays, "reason": unit.reason},
+        "predicted_stage2_bytes": {"split": plans[True].predicted["stage2_peak_bytes"],
+                                   "whole": plans[False].predicted["stage2_peak_bytes"]},
+        "measured": measured,
+    }
+    if device.type == "cuda":
+        result["ratio_predicted_over_measured"] = {
+            k: result["predicted_stage2_bytes"][k] / measured[k]["allocated_peak_bytes"] for k in measured}
+        result["measured_split_over_whole"] = (measured["split"]["allocated_peak_bytes"]
+                                               / measured["whole"]["allocated_peak_bytes"])
+    (args.out / "fused_accuracy.json").write_text(json.dumps(result, indent=1))
+    print(json.dumps({k: v for k, v in result.items() if k not in ("measured",)}, indent=1))
 
 
 if __name__ == "__main__":
