@@ -185,6 +185,11 @@ def test_a_unit_with_one_random_output_is_split_and_its_encoder_stays_in_stage1(
     assert plan.components(2) == ["net"] and plan.stage_units(2) == ["encode_and_noise", "loss"]
     assert [v.name for v in plan.cached] == ["latents", "encode_and_noise.graph"]
     assert plan.predicted["stage2_resident_bytes"] == 80  # the net's weights; not the vae's
+    graph = UnitGraph([Unit("encode_and_noise", ("image",), ("latents", "noisy"), encode_and_noise, components=("vae",)),
+                       Unit("loss", ("noisy",), ("loss",), lambda v, c: None, components=("net",))],
+                      sources=("image",))
+    by_mincut = make_plan(graph, pipeline="t", task="sft", trainable=("net",), profile=profile, solver="mincut")
+    assert by_mincut.units == plan.units and by_mincut.cached == plan.cached  # the two solvers agree on parts
 
 
 def test_a_unit_whose_random_part_reads_into_python_stays_whole_and_says_why():
