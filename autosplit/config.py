@@ -48,6 +48,9 @@ class DataConfig:
     #: probability of a random horizontal flip of each image, drawn anew every step (a random
     #: augmentation: stage 2 unless cache.variants > 0)
     random_flip: float = 0.0
+    #: probability of training a sample on the empty prompt (caption dropout); the caption's and the
+    #: empty prompt's encodings are both cached and stage 2 chooses between them
+    caption_dropout: float = 0.0
     #: shards whose samples are shuffled together (epoch order: shard permutation, then windows)
     shuffle_window: int = 4
 
@@ -245,6 +248,7 @@ def validate(config: RunConfig) -> list[str]:
          "must be mode, sample or frozen_sample"),
         ("data.shuffle_window", config.data.shuffle_window >= 1, "must be at least 1"),
         ("data.random_flip", 0.0 <= config.data.random_flip <= 1.0, "must be a probability, 0 to 1"),
+        ("data.caption_dropout", 0.0 <= config.data.caption_dropout <= 1.0, "must be a probability, 0 to 1"),
         ("cache.variants", config.cache.variants >= 0, "must be 0 (augment in stage 2) or a count of variants"),
         ("train.learning_rate", config.train.learning_rate > 0, "must be positive"),
         ("train.num_epochs", config.train.num_epochs >= 1, "must be at least 1"),

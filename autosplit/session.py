@@ -22,7 +22,7 @@ from autosplit.graph import UnitGraph
 from autosplit.models import fingerprint_component
 from autosplit.planner import Plan, make_plan
 from autosplit.profiler import Profile
-from autosplit.tasks import TASK_COLUMNS, build_graph, source_layouts
+from autosplit.tasks import TASK_COLUMNS, build_graph, graph_layouts
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ class Session:
             check_components_present(self, sorted({c for u in self.graph for c in u.components}))
             profile = plan_profile(self)
         return make_plan(self.graph, pipeline=self.adapter.name, task=self.task, trainable=self.trainable,
-                         split=self.config.train.split, layouts={**source_layouts(), **self.adapter.value_layouts()},
+                         split=self.config.train.split, layouts=graph_layouts(self.adapter),
                          settings=self.config.to_dict(), profile=profile,
                          batch_size=self.config.train.batch_size, solver=self.config.plan.solver)
 
@@ -131,6 +131,7 @@ def open_session(config: RunConfig) -> Session:
     adapter = get_adapter(config.model.pipeline)
     task, mode = parse_task(config.train.task)
     graph = build_graph(adapter, task, vae_latents=config.data.vae_latents, random_flip_p=config.data.random_flip,
+                        caption_dropout_p=config.data.caption_dropout,
                         variants=config.cache.variants)
     device = resolve_device(config.model.device)
     dtype_name = config.model.dtype
@@ -142,6 +143,7 @@ def open_session(config: RunConfig) -> Session:
     return Session(config=config, adapter=adapter, task=task, mode=mode, model_root=root, device=device,
                    dtype=_DTYPES[dtype_name], graph=graph, trainable=trainable,
                    settings={"patch_size": 2, "seed": config.train.seed, "random_flip": config.data.random_flip,
+                             "caption_dropout": config.data.caption_dropout,
                              "variants": config.cache.variants})
 
 

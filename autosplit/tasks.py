@@ -248,9 +248,11 @@ def _distill_units(denoise: Unit) -> list[Unit]:
     ]
 
 
-def variant_generator(ctx: UnitContext, sample_id: int, variant: int) -> torch.Generator:
-    """The generator of one cached augmentation variant: a pure function of (seed, sample, variant)."""
-    state = np.random.SeedSequence([ctx.settings.get("seed", 0), int(sample_id), int(variant)]).generate_state(2)
+def variant_generator(ctx: UnitContext, sample_id: int, variant: int, stream: int = 0) -> torch.Generator:
+    """The generator of one cached augmentation variant: a pure function of (seed, sample, variant);
+    each augmentation draws from its own `stream` so their draws are independent."""
+    entropy = [ctx.settings.get("seed", 0), int(sample_id), int(variant)] + ([stream] if stream else [])
+    state = np.random.SeedSequence(entropy).generate_state(2)
     return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
@@ -292,8 +294,68 @@ def source_layouts() -> dict[str, Any]:
     return {name: ValueLayout(ragged_axis=0, max_len=MAX_SOURCE_BYTES) for name in TEXT_SOURCES}
 
 
+#: prefixes of the text values a caption-dropout graph caches twice: for the caption and for ""
+CAPTION, EMPTY_CAPTION = "caption.", "empty_caption."
+
+
+def caption_dropout(values: Mapping[str, Any], ctx: UnitContext) -> dict[str, Any]:
+    """Replace each sample's text conditioning by that of the empty prompt with probability
+    `caption_dropout`: from the step's generator, or a cached variant's own generator. Ragged text
+    values (tokens along axis 1) are zero-padded to the longer of the two before choosing."""
+    cached = ctx.settings.get("variants", 0) > 0
+    p = ctx.settings.get("caption_dropout", 0.0)
+    draws = [torch.rand((), generator=variant_generator(ctx, i, v, stream=1) if cached else ctx.generator) < p
+             for i, v in zip(values["sample_id"], values["variant"])]
+    out = {}
+    for name in values:
+        if not name.startswith(CAPTION):
+            continue
+        full, empty = values[name], values[EMPTY_CAPTION + name.removeprefix(CAPTION)]
+        if full.dim() > 1 and full.shape[1] != empty.shape[1]:
+            longest = max(full.shape[1], empty.shape[1])
+            full, empty = (torch.nn.functional.pad(t, (0, 0) * (t.dim() - 2) + (0, longest - t.shape[1]))
+                           for t in (full, empty))
+        drop = torch.stack(draws).to(full.device).view(-1, *([1] * (full.dim() - 1)))
+        out[name.removeprefix(CAPTION)] = torch.where(drop, empty, full)  # no Python branch: fake-safe
+    return out
+
+
+def _with_outputs(unit: Unit, name: str, prefix: str, *, empty: bool = False) -> Unit:
+    """`unit` with its outputs renamed `prefix + name`; with `empty`, run on the empty prompt."""
+
+    def fn(values: Mapping[str, Any], ctx: UnitContext) -> dict[str, Any]:
+        if empty:
+            values = {**values, "prompt": [""] * len(values["prompt"])}
+        return {prefix + k: v for k, v in unit.fn(values, ctx).items()}
+
+    return Unit(name, unit.inputs, tuple(prefix + o for o in unit.outputs), fn, unit.components,
+                doc=f"{unit.doc} ({'the empty prompt' if empty else 'the caption'}, for caption dropout)")
+
+
+def _caption_dropout(family: list[Unit], p: float, variants: int) -> list[Unit]:
+    """Encode the caption and the empty prompt (both cacheable), then choose per sample."""
+    encode = next((u for u in family if u.inputs == ("prompt",)), None)
+    if not p or encode is None:
+        return family
+    full = _with_outputs(encode, encode.name, CAPTION)
+    empty = _with_outputs(encode, "encode_empty_prompt", EMPTY_CAPTION, empty=True)
+    choose = Unit("caption_dropout", (*full.outputs, *empty.outputs, "sample_id", "variant"), encode.outputs,
+                  caption_dropout, draws_random=variants == 0,
+                  doc="the empty prompt's conditioning with probability data.caption_dropout")
+    index = family.index(encode)
+    return family[:index] + [full, empty, choose] + family[index + 1:]
+
+
+def graph_layouts(adapter: Adapter) -> dict[str, Any]:
+    """How the values of a graph are cached: text sources, the family's layouts, and the same
+    layouts for the caption-dropout copies of its text values."""
+    family = adapter.value_layouts()
+    return {**source_layouts(), **family, **{prefix + k: v for k, v in family.items()
+                                             for prefix in (CAPTION, EMPTY_CAPTION)}}
+
+
 def build_graph(adapter: Adapter, task: str, *, vae_latents: str = "mode", random_flip_p: float = 0.0,
-                variants: int = 0) -> UnitGraph:
+                variants: int = 0, caption_dropout_p: float = 0.0) -> UnitGraph:
     """The unit graph of `task` on `adapter`'s family (raises ConfigError for an unknown task)."""
     if task not in TASKS:
         forms = ", ".join(f"{t}, {t}:data_process, {t}:train" for t in TASKS)
@@ -305,7 +367,7 @@ def build_graph(adapter: Adapter, task: str, *, vae_latents: str = "mode", rando
         head = [Unit("load_image", ("image_path", "image_size"), ("image",), load_images,
                      doc="decode, resize to cover, centre-crop to the training size")]
     head = _augment(head, random_flip_p, variants)
-    family = _latent_units(adapter, adapter.family_units(), vae_latents)
+    family = _caption_dropout(_latent_units(adapter, adapter.family_units(), vae_latents), caption_dropout_p, variants)
     if task == "sft":
         return UnitGraph(head + family + _sft_units(), sources=SOURCES)
     if task not in adapter.tasks:

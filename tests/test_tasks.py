@@ -84,3 +84,50 @@ def test_rollout_is_the_pipelines_sampler(tiny_model, steps):
                       generator=torch.Generator().manual_seed(3)).images
     torch.testing.assert_close(ours, unpack_latents(theirs, 8, 8), rtol=0, atol=1e-5)
     assert np.isfinite(ours.numpy()).all()
+
+
+def dropout_values():
+    torch.manual_seed(0)
+    return {"caption.prompt_embeds": torch.randn(4, 5, 3), "caption.prompt_embeds_mask": torch.ones(4, 5),
+            "empty_caption.prompt_embeds": torch.randn(4, 2, 3), "empty_caption.prompt_embeds_mask": torch.ones(4, 2),
+            "sample_id": [0, 1, 2, 3], "variant": [0, 0, 0, 0]}
+
+
+@pytest.mark.parametrize("p", [0.0, 0.5, 1.0])
+def test_caption_dropout_chooses_the_caption_or_the_empty_prompt_per_sample(p):
+    from autosplit.tasks import caption_dropout
+
+    values = dropout_values()
+    ctx = UnitContext({}, torch.device("cpu"), torch.float32, torch.Generator().manual_seed(1),
+                      settings={"caption_dropout": p})
+    out = caption_dropout(values, ctx)
+    assert out["prompt_embeds"].shape == (4, 5, 3) and out["prompt_embeds_mask"].shape == (4, 5)
+    full = values["caption.prompt_embeds"]
+    empty = torch.nn.functional.pad(values["empty_caption.prompt_embeds"], (0, 0, 0, 3))  # zeros past its end
+    dropped = [torch.equal(row, e) for row, e in zip(out["prompt_embeds"], empty)]
+    assert all(d or torch.equal(row, f) for d, row, f in zip(dropped, out["prompt_embeds"], full))
+    masks = [int(m.sum()) for m in out["prompt_embeds_mask"]]
+    assert masks == [2 if d else 5 for d in dropped]  # the mask follows the embeddings
+    assert sum(dropped) == {0.0: 0, 1.0: 4}.get(p, sum(dropped))
+    if p == 0.5:
+        assert 0 < sum(dropped) < 4  # seed 1 drops some samples, not all
+
+
+def test_caption_dropout_keeps_the_text_encoder_out_of_stage2_and_caches_variants():
+    adapter = get_adapter("qwen_image")
+    from autosplit.tasks import graph_layouts
+
+    for variants, stage in ((0, 2), (2, 1)):
+        graph = build_graph(adapter, "sft", caption_dropout_p=0.1, variants=variants)
+        plan = make_plan(graph, pipeline="qwen_image", task="sft", trainable=("transformer",),
+                         layouts=graph_layouts(adapter))
+        placed = {u.name: u.stage for u in plan.units}
+        assert placed["encode_prompt"] == placed["encode_empty_prompt"] == 1
+        assert placed["caption_dropout"] == stage
+        assert "text_encoder" not in plan.components(2)
+        cached = {v.name for v in plan.cached}
+        if stage == 2:
+            assert {"caption.prompt_embeds", "empty_caption.prompt_embeds", "sample_id", "variant"} <= cached
+            assert plan.cached_value("caption.prompt_embeds").ragged_axis == 0
+        else:
+            assert "prompt_embeds" in cached and "caption.prompt_embeds" not in cached

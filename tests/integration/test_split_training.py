@@ -234,6 +234,22 @@ def test_a_flip_drawn_every_step_reads_its_sources_from_the_cache_and_matches_un
     assert sources == ["sample_id", "variant"]  # the flip reads them in stage 2
 
 
+def test_caption_dropout_matches_unsplit_and_changes_what_is_learned(tmp_path, tiny_model, tiny_dataset):
+    def train(name: str, p: float, *extra: str) -> dict[str, torch.Tensor]:
+        assert run("--output_path", str(tmp_path / name), *STEPS, "--set", f"data.caption_dropout={p}", *extra) == 0
+        return load_file(tmp_path / name / "lora.safetensors")
+
+    split, unsplit = train("split", 0.5), train("unsplit", 0.5, "--no-split")
+    assert all(torch.equal(split[k], unsplit[k]) for k in split)
+    assert losses(tmp_path / "split") == losses(tmp_path / "unsplit")
+    # p = 1e-9 and p = 1 draw the same numbers (one rand per sample, then the noise): only dropping differs
+    never, always = train("never", 1e-9), train("always", 1.0)
+    assert not all(torch.equal(never[k], always[k]) for k in never)
+    plan = json.loads((tmp_path / "split/plan.json").read_text())
+    assert {u["name"]: u["stage"] for u in plan["units"]}["caption_dropout"] == 2
+    assert "text_encoder" not in {c for u in plan["units"] if u["stage"] == 2 for c in u["components"]}
+
+
 def test_variant_choice_is_a_pure_function_of_seed_epoch_and_sample():
     from autosplit.trainer import _VariantPicker
 
