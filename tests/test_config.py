@@ -267,7 +267,7 @@ def test_seed_flags_set_the_right_keys():
         "model": {"pipeline": "qwen_image", "path": "/models/qwen", "device": "cuda:1", "dtype": "float16"},
         "data": {"base_path": "/data", "metadata_path": "/data/meta.jsonl", "max_pixels": 262144, "max_frames": 81,
                  "repeat": 3, "num_workers": 5, "prefetch": 4, "vae_latents": "mode", "random_flip": 0.0,
-                 "shuffle_window": 4},
+                 "caption_dropout": 0.0, "shuffle_window": 4},
         "train": {"task": "sft:train", "split": True, "learning_rate": 5e-5, "num_epochs": 2, "batch_size": 4,
                   "gradient_accumulation_steps": 2, "max_steps": 100, "seed": 11, "gradient_checkpointing": False,
                   "mixed_precision": "bf16", "checkpoint_every": 0, "checkpoints_kept": 2, "resume": False,
@@ -286,5 +286,5 @@ def test_all_keys_lists_top_level_and_nested_keys():
     assert keys[0] == "output_path"
     assert {"model.path", "data.base_path", "train.learning_rate", "lora.rank", "cache.zstd_level"} <= set(keys)
     assert not {"model", "data", "train", "lora", "cache"} & set(keys)
-    assert len(keys) == len(set(keys)) == 1 + 4 + 10 + 14 + 6 + 6 + 3
+    assert len(keys) == len(set(keys)) == 1 + 4 + 11 + 14 + 6 + 6 + 3
     assert all(re.fullmatch(r"[a-z_]+(\.[a-z_0-9]+)?", k) for k in keys)
