@@ -1,5 +1,6 @@
 """Datasets: a folder of images with `metadata.csv` or `metadata.jsonl` (columns `image`, `prompt`),
-or of video clips (column `video`: a folder of frame images, or an animated GIF/WebP file).
+or of video clips (column `video`: a folder of frame images, an animated GIF/WebP file, or an
+mp4/mov/mkv/webm/avi file, decoded with PyAV, the `video` extra).
 
 This is the layout DiffSynth-Studio and Hugging Face `imagefolder` use. Reading the built-in
 synthetic dataset and a user's folder is the same code. Other columns are kept per sample
@@ -23,6 +24,47 @@ from autosplit.errors import DatasetError
 
 METADATA_NAMES = ("metadata.csv", "metadata.jsonl")
 FRAME_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+#: clip files decoded with PyAV (`pip install "autosplit[video]"`)
+CONTAINER_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".avi")
+
+
+def _open_container(path: Path, where: str) -> Any:
+    try:
+        import av
+    except ImportError:
+        raise DatasetError(f"{where}: {path} is a {path.suffix} clip, which needs PyAV: pip install "
+                           f"\"autosplit[video]\" (or give a folder of frames or a GIF)") from None
+    try:
+        return av.open(str(path))
+    except (av.error.FFmpegError, OSError) as exc:
+        raise DatasetError(f"{where}: video {path} cannot be opened ({exc}); replace or remove it") from exc
+
+
+def _container_header(path: Path, where: str) -> tuple[tuple[int, int], int]:
+    """((width, height), frames) of a clip file; frames counted from its packets when the container
+    does not say."""
+    with _open_container(path, where) as container:
+        if not container.streams.video:
+            raise DatasetError(f"{where}: {path} has no video stream; replace or remove it")
+        stream = container.streams.video[0]
+        size = (stream.codec_context.width, stream.codec_context.height)
+        count = stream.frames or sum(1 for packet in container.demux(stream) if packet.size)
+    return size, count
+
+
+def _container_frames(path: Path, size: tuple[int, int], num_frames: int) -> list[torch.Tensor]:
+    import av
+
+    frames = []
+    with _open_container(path, f"video {path}") as container:
+        try:
+            for frame in container.decode(video=0):
+                if len(frames) == num_frames:
+                    break
+                frames.append(_to_tensor(frame.to_image(), size))
+        except av.error.FFmpegError as exc:
+            raise DatasetError(f"video {path} cannot be decoded ({exc}); replace or remove it") from exc
+    return frames
 
 
 @dataclass(frozen=True)
@@ -138,6 +180,8 @@ def _media_header(path: Path, *, where: str, media: str) -> tuple[tuple[int, int
     """((width, height), number of frames) of an image, a folder of frames or an animated file."""
     from PIL import Image, UnidentifiedImageError
 
+    if path.suffix.lower() in CONTAINER_SUFFIXES and media == "video":
+        return _container_header(path, where)
     first = path
     if path.is_dir():
         frames = _frame_files(path)
@@ -164,13 +208,15 @@ def load_image(path: Path, size: tuple[int, int]) -> torch.Tensor:
 
 
 def load_video(path: Path, size: tuple[int, int], num_frames: int) -> torch.Tensor:
-    """The first `num_frames` frames of a clip (frame folder or animated GIF/WebP), each resized
-    and cropped like `load_image`; float32 C,F,H,W in [-1, 1]."""
+    """The first `num_frames` frames of a clip (frame folder, animated GIF/WebP, or an mp4/mov/mkv/
+    webm/avi file through PyAV), each resized and cropped like `load_image`; float32 C,F,H,W in [-1, 1]."""
     from PIL import Image, ImageSequence
 
     try:
         if Path(path).is_dir():
             frames = [load_image(p, size) for p in _frame_files(Path(path))[:num_frames]]
+        elif Path(path).suffix.lower() in CONTAINER_SUFFIXES:
+            frames = _container_frames(Path(path), size, num_frames)
         else:
             with Image.open(path) as im:
                 frames = [_to_tensor(f, size) for f, _ in zip(ImageSequence.Iterator(im), range(num_frames))]

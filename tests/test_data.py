@@ -361,3 +361,53 @@ def test_image_samples_keep_their_bucket_and_need_task_columns(tmp_path):
     assert [s.bucket for s in samples] == [(96, 64), (64, 64), (64, 64)] and samples[0].num_frames == 0
     with pytest.raises(DatasetError, match="no 'seed' column"):
         read_dataset(root, max_pixels=1 << 20, multiple=16, columns=("seed",))
+
+
+def write_clip(path, frames, codec: str, pix_fmt: str) -> None:
+    import av
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=8)
+        stream.width, stream.height, stream.pix_fmt = frames[0].shape[1], frames[0].shape[0], pix_fmt
+        for pixels in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def test_clip_files_decode_through_pyav_like_frame_folders(tmp_path):
+    pytest.importorskip("av")  # the `video` extra; `.[test]` installs it
+    from PIL import Image
+
+    from autosplit.data import load_video, read_dataset
+
+    rng = np.random.default_rng(0)
+    frames = [rng.integers(0, 255, (48, 64, 3), dtype=np.uint8) for _ in range(9)]
+    (tmp_path / "frames").mkdir()
+    for i, pixels in enumerate(frames):
+        Image.fromarray(pixels).save(tmp_path / "frames" / f"{i:03d}.png")
+    write_clip(tmp_path / "lossless.mkv", frames, "ffv1", "bgr0")
+    write_clip(tmp_path / "clip.mp4", frames[:7], "mpeg4", "yuv420p")
+    (tmp_path / "metadata.csv").write_text("video,prompt\nframes,a\nlossless.mkv,b\nclip.mp4,c\n")
+    samples = read_dataset(tmp_path, max_pixels=1 << 20, multiple=16, media="video", max_frames=81)
+    assert [(s.image_path.name, s.size, s.num_frames) for s in samples] == [
+        ("frames", (64, 48), 9), ("lossless.mkv", (64, 48), 9), ("clip.mp4", (64, 48), 5)]  # 4k+1 of 7
+    folder, mkv, mp4 = (load_video(s.image_path, s.size, s.num_frames) for s in samples)
+    assert torch.equal(folder, mkv)  # a lossless clip decodes to exactly the frames
+    assert mp4.shape == (3, 5, 48, 64) and (mp4 - folder[:, :5]).abs().mean() < 0.5  # lossy, same frames
+
+
+def test_a_clip_without_pyav_or_broken_is_a_clear_error(tmp_path, monkeypatch):
+    import sys
+
+    from autosplit.data import read_dataset
+
+    pytest.importorskip("av")
+    (tmp_path / "broken.mp4").write_bytes(b"not a video")
+    (tmp_path / "metadata.csv").write_text("video,prompt\nbroken.mp4,a\n")
+    with pytest.raises(DatasetError, match=r"video .*broken.mp4 cannot be opened"):
+        read_dataset(tmp_path, max_pixels=1 << 20, multiple=16, media="video")
+    monkeypatch.setitem(sys.modules, "av", None)  # as if PyAV were not installed
+    with pytest.raises(DatasetError, match=r'broken.mp4 is a .mp4 clip, which needs PyAV: pip install "autosplit\[video\]"'):
+        read_dataset(tmp_path, max_pixels=1 << 20, multiple=16, media="video")
