@@ -80,6 +80,9 @@ class TrainConfig:
     #: multi-process runs: DDP looks for trainable parameters that got no gradient each step (needed
     #: when some do, e.g. LoRA on Qwen-Image's last block's text path); false skips that search
     find_unused_parameters: bool = True
+    #: let torch use cuDNN's fused attention on CUDA; off by default because its backward returns
+    #: NaN for some shapes since torch 2.11 (pytorch#196678; seen here on tiny FLUX on an H100)
+    cudnn_attention: bool = False
 
 
 @dataclass

@@ -36,3 +36,7 @@ class CacheError(AutosplitError):
 
 class CheckpointError(AutosplitError):
     """A stage-2 checkpoint cannot be resumed (other settings, other weights)."""
+
+
+class TrainingError(AutosplitError):
+    """Training cannot go on (the loss is no longer a number)."""

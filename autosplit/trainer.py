@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import logging
 import os
 import time
@@ -28,7 +29,7 @@ from autosplit.adapters.base import empty_component, save_lora
 from autosplit.cache import open_reader
 from autosplit.checkpoint import TrainState, checkpoint_root, latest_checkpoint, load_checkpoint, save_checkpoint
 from autosplit.data import Sample
-from autosplit.errors import CheckpointError, ConfigError
+from autosplit.errors import CheckpointError, ConfigError, TrainingError
 from autosplit.graph import UnitContext, run_units
 from autosplit.loader import PrefetchLoader, collate, decode_sources, to_device
 from autosplit.models import load_components
@@ -208,6 +209,8 @@ def train(session: Session, plan: Plan, output: Path, *, cache_path: Path | None
     accelerator = Accelerator(cpu=session.device.type == "cpu", mixed_precision=cfg.mixed_precision,
                               gradient_accumulation_steps=cfg.gradient_accumulation_steps, kwargs_handlers=[ddp])
     device = accelerator.device
+    if device.type == "cuda" and not cfg.cudnn_attention:
+        torch.backends.cuda.enable_cudnn_sdp(False)  # see train.cudnn_attention
     read, buckets, make_batch, inline, shard_size, submit = _sample_reader(session, plan, cache_path, samples)
     names = plan.components(2)
     check_components_present(session, names)
@@ -240,6 +243,10 @@ def train(session: Session, plan: Plan, output: Path, *, cache_path: Path | None
 
     def checkpoint() -> None:
         if cfg.checkpoint_every and accelerator.is_main_process:
+            if not all(torch.isfinite(p).all() for p in model.parameters() if p.requires_grad):
+                raise TrainingError(f"stage 2: the weights hold NaN or inf after step {len(log)}, so no checkpoint "
+                                    f"is written (earlier ones are kept). Lower --learning_rate, or train in "
+                                    f"float32 (--dtype float32) to find the op")
             state = TrainState(len(log), micro, loader.epoch, loader.state_dict(), log, resume_settings(session, loader))
             save_checkpoint(output, model=model, optimizer=optimizer, keep=cfg.checkpoints_kept, state=state)
 
@@ -268,6 +275,11 @@ def train(session: Session, plan: Plan, output: Path, *, cache_path: Path | None
                 micro += 1
                 if accelerator.sync_gradients:
                     mean_loss = accelerator.reduce(loss.detach(), reduction="mean").item()  # = loss on 1 process
+                    if not math.isfinite(mean_loss):
+                        raise TrainingError(
+                            f"stage 2: the loss is {mean_loss} at step {len(log) + 1} (epoch {epoch}), so the weights "
+                            f"are not saved (earlier checkpoints, all finite, are kept). Lower --learning_rate, or "
+                            f"train in float32 (--dtype float32) to find the op")
                     step_seconds.append(time.perf_counter() - tick)
                     tick = time.perf_counter()
                     log.append({"step": len(log) + 1, "epoch": epoch, "loss": mean_loss})

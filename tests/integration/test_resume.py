@@ -98,3 +98,34 @@ def test_sigkill_during_stage2_then_resume(cache, tmp_path):
     assert 8 <= killed_at < 48  # killed mid-run, with log lines past the newest checkpoint possible
     assert subprocess.run([*args, "--output_path", str(out), "--resume"], env=env, capture_output=True).returncode == 0
     assert_same_run(tmp_path / "full", out)
+
+
+def test_a_loss_that_stops_being_a_number_ends_the_run_with_a_clear_error(cache, tmp_path, capsys):
+    # a learning rate of 1e30 overflows the LoRA weights within a few steps
+    assert train(cache, tmp_path / "nan", "--learning_rate", "1e30", "--set", "train.checkpoint_every=1") == 2
+    err = capsys.readouterr().err
+    assert "autosplit: error: stage 2: the loss is nan at step 2 (epoch 0), so the weights are not saved" in err
+    assert "Lower --learning_rate" in err
+    assert not (tmp_path / "nan/lora.safetensors").exists()  # nothing saved from non-numbers
+    newest = latest_checkpoint(tmp_path / "nan")  # step 1's update was huge but finite: it is kept
+    assert newest.name == "step-1"
+    assert all(torch.isfinite(t).all() for t in load_file(newest / "weights.safetensors").values())
+
+
+def test_no_checkpoint_is_written_from_weights_that_are_not_numbers(cache, tmp_path, capsys, monkeypatch):
+    real_step = torch.optim.AdamW.step
+    steps = []
+
+    def overflowing_step(self, *args, **kwargs):  # fault injection: the second update overflows
+        out = real_step(self, *args, **kwargs)
+        steps.append(1)
+        if len(steps) == 2:
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].fill_(float("inf"))
+        return out
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", overflowing_step)
+    assert train(cache, tmp_path / "inf", "--set", "train.checkpoint_every=1") == 2
+    err = capsys.readouterr().err
+    assert "stage 2: the weights hold NaN or inf after step 2, so no checkpoint is written" in err
+    assert latest_checkpoint(tmp_path / "inf").name == "step-1"
