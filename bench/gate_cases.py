@@ -4,6 +4,8 @@ bench/update_budgets.py (which writes profiles/ from one measurement)."""
 from __future__ import annotations
 
 #: (pipeline, profile mode of `measure_pipeline`, budget entry's mode)
+#: the budgets are of the built-in tiny pipelines on the CPU in float32, on any machine
+GATE_SETS = ("model.device=cpu", "model.dtype=float32")
 CASES = [(p, m) for m in ("fake", "real") for p in ("qwen_image", "flux", "sd", "sdxl", "wan")]
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 from conftest import PROFILES
-from gate_cases import CASES, entry_key
+from gate_cases import CASES, GATE_SETS, entry_key
 
 from autosplit.gate import check_budget, load_budgets, measure_pipeline
 
@@ -22,7 +22,7 @@ def budgets():
 @pytest.mark.parametrize("pipeline, mode", CASES, ids=[entry_key(p, m) for p, m in CASES])
 def test_memory_within_budget(benchmark, budgets, pipeline, mode):
     key = entry_key(pipeline, mode)
-    profile, plan, inputs = benchmark.pedantic(measure_pipeline, args=(pipeline,), kwargs={"profile": mode},
+    profile, plan, inputs = benchmark.pedantic(measure_pipeline, args=(pipeline,), kwargs={"profile": mode, "sets": GATE_SETS},
                                                rounds=1, iterations=1)
     budget = budgets["budgets"][key]
     predicted = plan.predicted

@@ -18,7 +18,7 @@ sys.path.insert(0, str(HERE))
 os.environ.setdefault("AUTOSPLIT_HOME", tempfile.mkdtemp(prefix="autosplit-budgets-"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from gate_cases import CASES, entry_key  # noqa: E402
+from gate_cases import CASES, GATE_SETS, entry_key  # noqa: E402
 
 from autosplit.gate import make_budget, measure_pipeline, write_budget  # noqa: E402
 
@@ -30,7 +30,7 @@ def main(only: list[str]) -> None:
         key = entry_key(pipeline, mode)
         if only and key not in only:
             continue
-        profile, plan, inputs = measure_pipeline(pipeline, profile=mode)
+        profile, plan, inputs = measure_pipeline(pipeline, profile=mode, sets=GATE_SETS)
         (PROFILES / f"{key}.json").write_text(json.dumps(profile.to_dict(), indent=1) + "\n")
         write_budget(PROFILES / "budgets.json", key, make_budget(profile, plan, inputs=inputs))
         print(f"{key}: stage-2 peak {plan.predicted['stage2_peak_bytes']} B, "

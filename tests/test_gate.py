@@ -21,7 +21,7 @@ KEY = "flux-tiny-fake"
 
 @pytest.fixture(scope="module")
 def measured(autosplit_home):
-    return measure_pipeline("flux", profile="fake")
+    return measure_pipeline("flux", profile="fake", sets=("model.device=cpu", "model.dtype=float32"))
 
 
 @pytest.fixture()
@@ -95,7 +95,8 @@ def test_gate_fails_on_other_inputs(measured, budget):
 
 
 def test_cli_bench_exit_codes(tmp_path, measured, capsys):
-    assert main(["bench", "--pipeline", "flux", "--baseline", str(BUDGETS)]) == 0
+    cpu = ["--device", "cpu", "--dtype", "float32"]  # the budgets' machine and dtype, on a GPU host too
+    assert main(["bench", "--pipeline", "flux", "--baseline", str(BUDGETS), *cpu]) == 0
     out = capsys.readouterr().out
     assert "stage2_peak_bytes" in out and "no regression" in out
 
@@ -103,7 +104,7 @@ def test_cli_bench_exit_codes(tmp_path, measured, capsys):
     data["budgets"][KEY]["stage2_peak_bytes"] //= 2
     lowered = tmp_path / "lowered.json"
     lowered.write_text(json.dumps(data))
-    assert main(["bench", "--pipeline", "flux", "--baseline", str(lowered)]) == 1
+    assert main(["bench", "--pipeline", "flux", "--baseline", str(lowered), *cpu]) == 1
     captured = capsys.readouterr()
     assert "OVER" in captured.out
     assert "autosplit: regression: stage2_peak_bytes:" in captured.err

@@ -80,7 +80,7 @@ def test_per_output_dependencies_and_gradients():
 
 @pytest.fixture(scope="module")
 def tiny_session(tiny_model, tiny_dataset):
-    return open_session(load_config(toml_path=None, sets=[], flags={}))
+    return open_session(load_config(toml_path=None, sets=["model.device=cpu"], flags={}))
 
 
 def test_fake_profile_matches_real_on_the_tiny_pipeline(tiny_session):
@@ -114,7 +114,7 @@ def test_block_extrapolation_matches_a_full_trace(tiny_model, tiny_dataset, tmp_
     config = json.loads(config_path.read_text())
     config["num_layers"] = 5
     config_path.write_text(json.dumps(config))
-    session = open_session(load_config(toml_path=None, sets=["train.gradient_checkpointing=true"],
+    session = open_session(load_config(toml_path=None, sets=["train.gradient_checkpointing=true", "model.device=cpu"],
                                        flags={"model_paths": str(deep)}))
     traced = profile_fake(session, full_size=False, extrapolate=False)
     estimated = profile_fake(session, full_size=False)

@@ -51,7 +51,7 @@ def test_initial_noise_ignores_the_step_generator_and_the_global_rng():
 
 def test_cached_initial_noise_is_randn_under_each_samples_seed(tmp_path, tiny_model):
     cache = tmp_path / "cache"
-    assert main(["run", "--task", "direct_distill:data_process", "--output_path", str(cache)]) == 0
+    assert main(["run", "--task", "direct_distill:data_process", "--output_path", str(cache), "--device", "cpu"]) == 0
     reader = CacheReader(cache)
     rows = list(csv.DictReader((builtin_distill_root(get_adapter("qwen_image"), tiny_model) / "metadata.csv").open()))
     assert len(rows) == len(reader) == 4

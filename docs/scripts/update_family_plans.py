@@ -26,13 +26,21 @@ BLOCK = re.compile(r"(^\$ autosplit plan((?:(?!--fake)[^\n])*)\n```\n\n```text\n
 FULL_BLOCK = re.compile(r"(^\$ autosplit plan([^\n]*--fake[^\n]*)\n```\n\n```text\n)(.*?)(```)", flags=re.M | re.S)
 
 
+#: the tiny blocks are fp32 plans made on the CPU, on any machine
+TINY = ["--device", "cpu", "--dtype", "float32"]
+
+
+def args_fake(flags: str) -> bool:
+    return "--fake" in flags.split()
+
+
 def table_for(flags: str) -> str:
     """The plan table of `autosplit plan <flags>`, profiled fake (full size when --fake is given)."""
     from autosplit.cli import _profile
     from autosplit.planner import replace_predicted
     from autosplit.report import with_budget
 
-    args = build_parser().parse_args(["plan", *flags.split()])
+    args = build_parser().parse_args(["plan", *flags.split(), *([] if args_fake(flags) else TINY)])
     config = config_from_args(args)
     session = open_session(config)
     if not args.fake:

@@ -220,11 +220,11 @@ def test_two_processes_write_the_same_cache_as_one(tmp_path, reference, tiny_dat
     cache = tmp_path / "c"
     env = {**os.environ, "TQDM_DISABLE": "1"}
     # accelerate 1.x: `--cpu --num_processes 2` starts ONE process (its simple launcher); `--multi_gpu` starts
-    # two through torchrun, which on a host without CUDA run on CPU over gloo
+    # two through torchrun, which run on CPU over gloo (--device cpu: on a GPU host too)
     result = subprocess.run(
         [str(launcher), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
          "--dynamo_backend", "no", "-m", "autosplit", "run", "--task", "sft:data_process", "--output_path",
-         str(cache), "--dataset_base_path", str(tiny_dataset), "--set", "cache.shard_size=3"],
+         str(cache), "--dataset_base_path", str(tiny_dataset), "--set", "cache.shard_size=3", "--device", "cpu"],
         capture_output=True, text=True, env=env, timeout=400)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "process 0 of 2: 3 shards to write" in result.stderr

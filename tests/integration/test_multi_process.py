@@ -37,10 +37,10 @@ def train_args(cache: Path, out: Path, *extra: str) -> list[str]:
 def launch_two(args: list[str], trace: Path) -> subprocess.CompletedProcess:
     launcher = Path(sys.executable).with_name("accelerate")
     # accelerate 1.x: `--cpu --num_processes 2` starts ONE process; `--multi_gpu` starts two through
-    # torchrun, which without CUDA run on CPU over gloo
+    # torchrun, which run on CPU over gloo (--device cpu: on a GPU host too)
     result = subprocess.run(
         [str(launcher), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-         "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "autosplit", *args],
+         "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "autosplit", *args, "--device", "cpu"],
         capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1", TRACE_ENV: str(trace)}, timeout=400)
     assert result.returncode == 0, result.stderr[-4000:]
     return result
