@@ -271,7 +271,7 @@ def test_seed_flags_set_the_right_keys():
         "train": {"task": "sft:train", "split": True, "learning_rate": 5e-5, "num_epochs": 2, "batch_size": 4,
                   "gradient_accumulation_steps": 2, "max_steps": 100, "seed": 11, "gradient_checkpointing": False,
                   "mixed_precision": "bf16", "checkpoint_every": 0, "checkpoints_kept": 2, "resume": False,
-                  "find_unused_parameters": True},
+                  "find_unused_parameters": True, "cudnn_attention": False},
         "lora": {"base_model": "transformer", "target_modules": "to_q,to_v", "text_encoder_target_modules": "",
                  "rank": 16, "alpha": 0.0,
                  "full_finetune": False},
@@ -286,5 +286,5 @@ def test_all_keys_lists_top_level_and_nested_keys():
     assert keys[0] == "output_path"
     assert {"model.path", "data.base_path", "train.learning_rate", "lora.rank", "cache.zstd_level"} <= set(keys)
     assert not {"model", "data", "train", "lora", "cache"} & set(keys)
-    assert len(keys) == len(set(keys)) == 1 + 4 + 11 + 14 + 6 + 6 + 3
+    assert len(keys) == len(set(keys)) == 1 + 4 + 11 + 15 + 6 + 6 + 3
     assert all(re.fullmatch(r"[a-z_]+(\.[a-z_0-9]+)?", k) for k in keys)

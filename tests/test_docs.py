@@ -6,6 +6,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
+import torch
+
 from autosplit.cli import build_parser, main
 from autosplit.config import SEED_FLAGS, all_keys
 
@@ -48,7 +51,11 @@ def test_family_plans_in_the_docs_are_current(autosplit_home):
     sys.path.insert(0, str(DOCS / "scripts"))
     from update_family_plans import BLOCK, table_for
 
-    blocks = BLOCK.findall((DOCS / "families.md").read_text())
+    text = (DOCS / "families.md").read_text()
+    made_with = re.search(r"`autosplit plan` \(torch (\d+\.\d+\.\d+)\)", text).group(1)
+    if torch.__version__.split("+")[0] != made_with:  # FLOP formulas and decompositions move between releases
+        pytest.skip(f"families.md was generated with torch {made_with}, this is {torch.__version__}")
+    blocks = BLOCK.findall(text)
     assert len(blocks) == 7
     for _, flags, table, _ in blocks:
         assert table_for(flags) == table, f"autosplit plan{flags}: run docs/scripts/update_family_plans.py"

@@ -112,10 +112,11 @@ def test_cli_bench_exit_codes(tmp_path, measured, capsys):
 
 def test_cli_bench_writes_a_baseline_that_then_passes(tmp_path, measured, capsys):
     path = tmp_path / "mine.json"
-    assert main(["bench", "--pipeline", "flux", "--write-baseline", str(path)]) == 0
+    cpu = ["--device", "cpu", "--dtype", "float32"]  # as `measured`, on a GPU host too
+    assert main(["bench", "--pipeline", "flux", "--write-baseline", str(path), *cpu]) == 0
     profile, plan, inputs = measured
     assert load_budgets(path)["budgets"] == {KEY: make_budget(profile, plan, inputs=inputs)}
-    assert main(["bench", "--pipeline", "flux", "--baseline", str(path)]) == 0
+    assert main(["bench", "--pipeline", "flux", "--baseline", str(path), *cpu]) == 0
     write_budget(path, "other", {"pipeline": "sd"})  # other entries are kept
     assert set(load_budgets(path)["budgets"]) == {KEY, "other"}
 
