@@ -107,7 +107,23 @@ def _choose_target(cache_path: Path, key: dict[str, Any], *, replace_stale: bool
 def _distributed(device: torch.device) -> Any:
     from accelerate import PartialState
 
-    return PartialState(cpu=device.type == "cpu")  # as the trainer's Accelerator will be
+    return _Ranks(PartialState(cpu=device.type == "cpu"), device)  # as the trainer's Accelerator will be
+
+
+class _Ranks:
+    """accelerate's process state, with a barrier that works for CPU processes on a GPU host too
+    (accelerate's `wait_for_everyone` passes `device_ids`, which sends gloo to CUDA device `rank`)."""
+
+    def __init__(self, state: Any, device: torch.device):
+        self.state, self.device = state, device
+        self.is_main_process, self.process_index = state.is_main_process, state.process_index
+        self.num_processes = state.num_processes
+
+    def wait_for_everyone(self) -> None:
+        if self.device.type == "cpu" and self.num_processes > 1 and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+        else:
+            self.state.wait_for_everyone()
 
 
 def run_stage1(session: Session, plan: Plan, samples: list[Sample], cache_path: Path, *,

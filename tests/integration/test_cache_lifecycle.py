@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import zarr
 
 from autosplit.cache import cache_status, count_done_shards
@@ -228,7 +229,9 @@ def test_disk_full_during_stage1_is_a_clean_error_and_resumes(tmp_path, referenc
 def test_two_processes_write_the_same_cache_as_one(tmp_path, reference, tiny_dataset):
     launcher = Path(sys.executable).with_name("accelerate")
     cache = tmp_path / "c"
-    env = {**os.environ, "TQDM_DISABLE": "1"}
+    # torchrun gives each worker one thread unless told; the reference used torch's default, and a
+    # float32 convolution's bits depend on how its sums were split across threads
+    env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": str(torch.get_num_threads())}
     # accelerate 1.x: `--cpu --num_processes 2` starts ONE process (its simple launcher); `--multi_gpu` starts
     # two through torchrun, which run on CPU over gloo (--device cpu: on a GPU host too)
     result = subprocess.run(
