@@ -188,7 +188,8 @@ class CacheWriter:
             if value.ragged_axis != 0:
                 raise CacheError(f"value {name!r}: only ragged axis 0 is supported")
             rest = tuple(storage.shape[1:])
-            token_chunk = min(TOKEN_CHUNK, value.max_len)
+            # at most 64 inner chunks per row: the shard index holds 16 B for every chunk, written or not
+            token_chunk = min(max(TOKEN_CHUNK, -(-value.max_len // 64)), value.max_len)
             cap = -(-value.max_len // token_chunk) * token_chunk  # shards must hold whole inner chunks
             shape, chunks, shards = (n, cap, *rest), (1, token_chunk, *rest), (s, cap, *rest)
             self._open_or_create(f"{path}.length", shape=(n,), dtype="int64", chunks=(s,), compressors=codecs)

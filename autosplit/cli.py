@@ -190,6 +190,10 @@ def _stage2_cache(config: RunConfig, session: Any) -> tuple[Path, Any]:
         if (session.model_root / name).is_dir() and fingerprint_component(session.model_root, name) != digest:
             raise CacheError(f"{cache} was made with other {name} weights than {session.model_root / name}; "
                              f"re-run stage 1 (--task sft:data_process)")
+    if key.get("replay_device", session.device.type) != session.device.type:
+        raise CacheError(f"{cache} holds units split inside, recorded on {key['replay_device']}; their replay needs "
+                         f"the same device type, this run is on {session.device.type}: re-run stage 1 with "
+                         f"--device {session.device.type} (or train with --device {key['replay_device']})")
     if key.get("max_pixels") != config.data.max_pixels:
         raise CacheError(f"{cache} was made with --max_pixels {key.get('max_pixels')}, this run has "
                          f"{config.data.max_pixels} (a preprocessing setting changed); re-run stage 1 or pass "

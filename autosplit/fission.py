@@ -76,6 +76,13 @@ _METADATA_OPS = {"prim::device", "prim::layout", "aten::sym_size", "aten::sym_st
                  "aten::sym_storage_offset", "aten::is_contiguous", "aten::dim", "aten::is_non_overlapping_and_dense"}
 
 
+def _replayable(func: Any) -> bool:
+    """Ops a cached graph may name: aten, no file access, no string arguments (a crafted graph
+    must not reach the file system, e.g. through `aten::from_file`)."""
+    schema = func._schema
+    return "file" not in schema.name and not any("str" in str(a.type) for a in schema.arguments)
+
+
 def _same_device(a: torch.device, b: torch.device) -> bool:
     """`cuda:0` is the run's device `cuda`: recorded as "the run's device", so a replay on another
     rank's GPU lands there."""
@@ -101,6 +108,12 @@ class _Recorder(TorchDispatchMode):
     def __init__(self, generator: torch.Generator | None, device: torch.device):
         super().__init__()
         self.generator, self.device = generator, device
+        # draws that change every step: the step generator's and the global RNGs', passed or not
+        self.step_generators = {torch.default_generator._cdata}
+        if torch.cuda.is_available():
+            self.step_generators |= {g._cdata for g in torch.cuda.default_generators}
+        if generator is not None:
+            self.step_generators.add(generator._cdata)
         self.dirty: set[int] = set()  # storages random numbers reached
         self.refs: dict[int, list[Any]] = {}  # id(tensor) -> ["o", op, leaf] for live dirty-op outputs
         self.ops: list[dict[str, Any]] = []
@@ -114,7 +127,7 @@ class _Recorder(TorchDispatchMode):
             return False
         generator = kwargs.get("generator")
         # another generator was seeded by the unit (from the sample): deterministic, clean
-        return generator is None or (self.generator is not None and generator._cdata == self.generator._cdata)
+        return generator is None or generator._cdata in self.step_generators
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -127,8 +140,9 @@ class _Recorder(TorchDispatchMode):
         if self.problem is None:
             try:
                 name = func.name()
-                if not name.startswith("aten::"):
-                    raise Unsplittable(f"its random part calls {name}, which is not an aten op")
+                if not name.startswith("aten::") or not _replayable(func):
+                    raise Unsplittable(f"its random part calls {name}, which is not replayed (only aten ops "
+                                       f"without file or string arguments are)")
                 encoded = {"op": name, "args": self._encode(list(args), name),
                            "kwargs": self._encode(dict(kwargs), name)}
             except Unsplittable as exc:
@@ -137,17 +151,24 @@ class _Recorder(TorchDispatchMode):
         index = len(self.ops)
         for j, leaf in enumerate(tree_flatten(out)[0]):
             if isinstance(leaf, torch.Tensor):
-                self.dirty.add(_storage_key(leaf))
+                self._mark_dirty(leaf)
                 self._remember(leaf, ["o", index, j])
             elif self.problem is None:
                 self.problem = (f"its random part reads a value into Python ({func._overloadpacket.__name__}, e.g. .item() or a "
                                 f"branch on a random tensor)")
         for arg, value in zip(func._schema.arguments, args):
             if arg.alias_info is not None and arg.alias_info.is_write and isinstance(value, torch.Tensor):
-                self.dirty.add(_storage_key(value))
+                self._mark_dirty(value)
         if encoded is not None:
             self.ops.append(encoded)
         return out
+
+    def _mark_dirty(self, t: torch.Tensor) -> None:
+        storage = t.untyped_storage()
+        key = storage._cdata
+        if key not in self.dirty:  # forget it when freed: the allocator reuses the address
+            self.dirty.add(key)
+            weakref.finalize(storage, self.dirty.discard, key)
 
     def _remember(self, t: torch.Tensor, ref: list[Any]) -> None:
         key = id(t)
@@ -161,7 +182,8 @@ class _Recorder(TorchDispatchMode):
         if isinstance(x, torch.Generator):
             if self.generator is not None and x._cdata == self.generator._cdata:
                 return {"gen": "step"}
-            raise Unsplittable(f"its random part passes {op} a generator created inside the unit")
+            raise Unsplittable(f"its random part passes {op} a generator other than the step's (one created in "
+                               f"the unit, or a global one passed explicitly: use ctx.generator)")
         if x is None or isinstance(x, (bool, int, str)):
             return x
         if isinstance(x, float):
@@ -187,7 +209,7 @@ class _Recorder(TorchDispatchMode):
         if _storage_key(t) in self.dirty:
             raise Unsplittable(f"its random part ({op}) reads a view of a tensor random numbers were written into")
         k = self.frontier_ids.get(id(t))
-        if k is None:
+        if k is None or self.frontier[k][2] != t._version:  # new, or written to since it was read
             k = self.frontier_ids[id(t)] = len(self.frontier)
             self.frontier.append((t, t.detach().clone(), t._version))
         return ["f", k]
@@ -212,7 +234,11 @@ def record(unit: Unit, values: Mapping[str, Any], ctx: UnitContext) -> tuple[dic
                 problem = str(exc)
     clean = {name: out[name] for name in unit.outputs if name not in dirty_outputs}
     frontier, reads = _reuse_clean_outputs(recorder, clean, encoded)
-    graph = {"version": GRAPH_FORMAT_VERSION, "ops": recorder.ops, "outputs": encoded, "frontier": len(frontier)}
+    where = lambda t: "ctx" if _same_device(t.device, ctx.device) else str(t.device)  # noqa: E731
+    # where each tensor the replay reads lived: the cache hands them over on the run's device
+    devices = {"frontier": [where(t) for t in frontier], "reads": {n: where(clean[n]) for n in reads}}
+    graph = {"version": GRAPH_FORMAT_VERSION, "ops": recorder.ops, "outputs": encoded, "frontier": len(frontier),
+             "devices": devices}
     recording = Recording(graph, frontier, tuple(dirty_outputs), reads, problem)
     if problem is None and len(recording.graph_bytes()) > MAX_GRAPH_BYTES:
         recording.problem = f"its random part records {len(recorder.ops)} ops, above the {MAX_GRAPH_BYTES} B cap"
@@ -256,10 +282,14 @@ def _resolve(name: str) -> Any:
     if namespace != "aten":
         raise CacheError(f"fission graph names op {name!r}; only aten ops are replayed")
     try:
-        return getattr(getattr(torch.ops.aten, op), overload or "default")
+        func = getattr(getattr(torch.ops.aten, op), overload or "default")
     except AttributeError as exc:
         raise CacheError(f"fission graph names op {name!r}, which this torch does not have; "
                          f"re-run stage 1 with this torch") from exc
+    if not _replayable(func):
+        raise CacheError(f"fission graph names op {name!r}, which is never replayed (file or string arguments); "
+                         f"the cache was not written by autosplit")
+    return func
 
 
 def replay(graph: Mapping[str, Any], frontier: list[torch.Tensor], reads: Mapping[str, Any],
@@ -272,6 +302,13 @@ def replay(graph: Mapping[str, Any], frontier: list[torch.Tensor], reads: Mappin
     if graph["frontier"] != len(frontier):
         raise CacheError(f"fission graph reads {graph['frontier']} frontier tensors but {len(frontier)} were cached")
     results: list[list[Any]] = []
+    devices = graph.get("devices", {})
+
+    def placed(t: torch.Tensor, where: str | None) -> torch.Tensor:
+        return t.to(ctx.device if where in (None, "ctx") else torch.device(where))
+
+    frontier = [placed(t, w) for t, w in zip(frontier, devices.get("frontier", [None] * len(frontier)))]
+    reads = {n: placed(v, devices.get("reads", {}).get(n)) for n, v in reads.items()}
 
     def decode(x: Any) -> Any:
         if isinstance(x, dict):
@@ -301,10 +338,13 @@ def replay(graph: Mapping[str, Any], frontier: list[torch.Tensor], reads: Mappin
             raise CacheError(f"fission graph holds an unknown entry {kind!r}; re-run stage 1")
         return x
 
-    for op in graph["ops"]:
-        out = _resolve(op["op"])(*decode(op["args"]), **decode(op["kwargs"]))
-        results.append(tree_flatten(out)[0])
-    return {name: decode(value) for name, value in graph["outputs"].items()}
+    try:
+        for op in graph["ops"]:
+            out = _resolve(op["op"])(*decode(op["args"]), **decode(op["kwargs"]))
+            results.append(tree_flatten(out)[0])
+        return {name: decode(value) for name, value in graph["outputs"].items()}
+    except (KeyError, IndexError, TypeError, StopIteration) as exc:
+        raise CacheError(f"fission graph is malformed ({type(exc).__name__}: {exc}); re-run stage 1") from exc
 
 
 def split_outputs(unit: Unit, dirty: tuple[str, ...], frontier_count: int) -> tuple[str, ...]:
@@ -320,15 +360,35 @@ def replay_inputs(unit: str, reads: tuple[str, ...], frontier_count: int) -> tup
 
 def recording_unit(unit: Unit, dirty: tuple[str, ...], frontier_count: int, reads: tuple[str, ...]) -> Unit:
     """The stage-1 form of a split unit, one sample per call (batch 1). Its random part runs on a
-    throwaway generator and its random outputs are dropped."""
+    throwaway generator and its random outputs are dropped.
+
+    The first sample is recorded twice, with two generators: a random value that reached Python
+    without an op the recorder sees (`.tolist()`, `.numpy()`) would change the clean part or the
+    graph, and nothing is cached then."""
+    checked = []
 
     def fn(values: Mapping[str, Any], ctx: UnitContext) -> dict[str, Any]:
         first = next((v for v in values.values() if isinstance(v, list)), None)
         if first is not None and len(first) != 1:
             raise CacheError(f"unit {unit.name!r} is split inside and records one sample at a time; "
                              f"got a batch of {len(first)}")
-        generator = torch.Generator().manual_seed(0)  # a CPU generator, like the trainer's step generator
-        out, rec = record(unit, values, UnitContext(ctx.components, ctx.device, ctx.dtype, generator, ctx.settings))
+        def run(seed: int) -> tuple[dict[str, Any], Recording]:
+            generator = torch.Generator().manual_seed(seed)  # a CPU generator, like the trainer's step generator
+            return record(unit, values, UnitContext(ctx.components, ctx.device, ctx.dtype, generator, ctx.settings))
+
+        out, rec = run(0)
+        if not checked and rec.problem is None:
+            other_out, other = run(1)
+            same = rec.graph_bytes() == other.graph_bytes() and len(rec.frontier) == len(other.frontier) and all(
+                torch.equal(a, b) for a, b in zip(rec.frontier, other.frontier)) and all(
+                torch.equal(out[n], other_out[n]) for n in unit.outputs
+                if n not in dirty and isinstance(out[n], torch.Tensor))
+            if not same:
+                raise CacheError(f"unit {unit.name!r}: its deterministic part changed with the step's random "
+                                 f"numbers (a random value read into Python without a tensor op, e.g. .tolist() "
+                                 f"or .numpy()), so it cannot be split; keep random values in tensors, or plan "
+                                 f"with --profile none to keep it whole in stage 2")
+            checked.append(True)
         if rec.problem is not None:
             raise CacheError(f"unit {unit.name!r} cannot be split for this sample: {rec.problem}; "
                              f"plan with --profile none to keep it whole in stage 2")

@@ -111,7 +111,8 @@ class Plan:
         """The decision alone (placements and cached values), without measurements or settings:
         what a cache made under this plan depends on."""
         return {"pipeline": self.pipeline, "task": self.task, "trainable": list(self.trainable),
-                "units": [[u.name, u.stage, list(u.components), list(u.replays)] for u in self.units],
+                "units": [[u.name, u.stage, list(u.components), list(u.replays), list(u.replay_reads), u.frontier]
+                          for u in self.units],
                 "cached": [[v.name, v.producer, v.ragged_axis, v.max_len] for v in self.cached]}
 
     def cached_value(self, name: str) -> CachedValue:
@@ -219,7 +220,7 @@ def make_plan(graph: UnitGraph, *, pipeline: str, task: str, trainable: tuple[st
         raise PlanError(f"profile units {[u.name for u in profile.units]} do not match the graph's "
                         f"{list(graph.units)}; re-run `autosplit profile`")
     layouts = dict(layouts or {})
-    fissions = _fissions(graph, profile, split, batch_size)
+    fissions = _fissions(graph, profile, split, batch_size, trainable)
     parts = _planning_graph(graph, fissions)
     facts = {u.name: _facts(u, trainable, profile) for u in graph}
     forced = {u.name: _forced_reason(facts[u.name], u, profile, split, batch_size) for u in graph}
@@ -257,18 +258,22 @@ def replay_name(unit: str) -> str:
     return f"{unit}@replay"
 
 
-def _fissions(graph: UnitGraph, profile: Profile | None, split: bool, batch_size: int) -> dict[str, FissionProfile]:
+def _fissions(graph: UnitGraph, profile: Profile | None, split: bool, batch_size: int,
+              trainable: tuple[str, ...] = ()) -> dict[str, FissionProfile]:
     """Units the solver may split: recorded without a problem, in a split run with batch size 1, and
     with a deterministic part worth caching (a cacheable output, or weights it uses)."""
     if profile is None or not split or batch_size != 1:
         return {}
     found = {}
     for unit in graph:
-        f = profile.unit(unit.name).fission
+        measured = profile.unit(unit.name)
+        f = measured.fission
+        if f is None or f.problem is not None or any(c in trainable for c in unit.components):
+            continue  # a trainable component's outputs need grad: the unit is not cacheable at all
+        if not {v.name for v in measured.outputs if v.random} <= set(f.dirty_outputs):
+            continue  # the recorder missed a random output the tracer saw: never cache it
         # worth splitting only if the deterministic part yields an output or uses weights
-        useful = f is not None and (len(f.dirty_outputs) < len(unit.outputs) or any(
-            profile.component(c) is not None for c in unit.components))
-        if useful and f.problem is None:
+        if len(f.dirty_outputs) < len(unit.outputs) or any(profile.component(c) is not None for c in unit.components):
             found[unit.name] = f
     return found
 

@@ -87,6 +87,8 @@ class Session:
             "stage1_units": [[u.name, list(u.components)] for u in stage1],
             "components": {c: fingerprint_component(self.model_root, c) for c in plan.components(1)},
             "dtype": str(self.dtype).removeprefix("torch."),
+            # a split unit's graph records the ops of stage 1's device (a CPU run skips `.to(cpu)`)
+            **({"replay_device": self.device.type} if any(u.replays for u in plan.units) else {}),
             "max_pixels": self.config.data.max_pixels,
             "dataset_sha256": hashlib.sha256(b"".join(sample_sha)).hexdigest(),
             "num_samples": len(samples),

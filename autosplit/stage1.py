@@ -54,9 +54,10 @@ def compute_samples(units: list[Unit], samples: list[Sample], ctx: UnitContext, 
     out = []
     for j in range(len(samples)):
         item = {name: values[name][j] for name in names}
-        if len(samples) > 1 and ragged:
-            length = max(_used_length(item[n]) for n in ragged if n in item)
-            item = {n: v[:length] if n in ragged else v for n, v in item.items()}
+        trimmed = [n for n in ragged or () if isinstance(item.get(n), torch.Tensor)]  # not text sources
+        if len(samples) > 1 and trimmed:
+            length = max(_used_length(item[n]) for n in trimmed)
+            item = {n: v[:length] if n in trimmed else v for n, v in item.items()}
         out.append({n: encode_source(v).cpu() if to_cpu else v for n, v in item.items()})
     return out
 

@@ -192,6 +192,22 @@ def test_a_unit_with_one_random_output_is_split_and_its_encoder_stays_in_stage1(
     assert by_mincut.units == plan.units and by_mincut.cached == plan.cached  # the two solvers agree on parts
 
 
+def test_a_unit_on_a_trainable_component_is_never_split_even_from_a_profile_made_frozen():
+    def encode_and_noise(values, ctx):
+        latents = ctx.components["vae"](values["image"])
+        return {"latents": latents, "noisy": latents + torch.randn(latents.shape, generator=ctx.generator)}
+
+    vae = torch.nn.Linear(4, 4).requires_grad_(False)
+    units = [Unit("encode_and_noise", ("image",), ("latents", "noisy"), encode_and_noise, components=("vae",)),
+             Unit("loss", ("noisy",), ("loss",), lambda v, c: {"loss": c.components["net"](v["noisy"]).mean()},
+                  components=("net",))]
+    _, profile = profiled_plan(units, ("image",), {"image": torch.ones(1, 4)}, {"net": torch.nn.Linear(4, 4), "vae": vae})
+    plan = make_plan(UnitGraph(units, sources=("image",)), pipeline="t", task="sft", trainable=("net", "vae"),
+                     profile=profile)
+    assert plan.units[0].stage == 2 and not plan.units[0].replays
+    assert plan.units[0].reason.startswith("stage 2: uses trainable vae")
+
+
 def test_a_unit_whose_random_part_reads_into_python_stays_whole_and_says_why():
     def encode_and_noise(values, ctx):
         latents = ctx.components["vae"](values["image"])

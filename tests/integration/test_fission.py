@@ -101,3 +101,20 @@ def test_with_batches_the_unit_stays_whole_and_the_plan_says_why(fused, tmp_path
     assert unit["stage"] == 2 and not unit["replays"]
     if fused == "noise":
         assert "image_latents would be cached by splitting the unit, which needs --batch_size 1" in unit["reason"]
+
+
+def test_the_cache_is_small_and_names_the_device_its_graphs_were_recorded_on(fused, tmp_path, capsys):
+    import zarr
+
+    cache = tmp_path / "cache"
+    assert main(["run", "--task", "sft:data_process", "--output_path", str(cache), *STEPS]) == 0
+    graphs = sum(f.stat().st_size for f in cache.glob("buckets/*/encode_image.graph/**/*") if f.is_file())
+    assert graphs < 16 * 2048  # 16 graphs of ~0.3-0.5 KB, not a dense index of a 1 MiB cap per sample
+    group = zarr.open_group(str(cache), mode="r+")
+    manifest = dict(group.attrs["autosplit"])
+    assert manifest["key"]["replay_device"] == "cpu"
+    manifest["key"] = {**manifest["key"], "replay_device": "cuda"}  # as if stage 1 had run on a GPU
+    group.attrs["autosplit"] = manifest
+    assert main(["run", "--task", "sft:train", "--dataset_base_path", str(cache), "--output_path",
+                 str(tmp_path / "out"), *STEPS]) == 2
+    assert "recorded on cuda; their replay needs the same device type, this run is on cpu" in capsys.readouterr().err

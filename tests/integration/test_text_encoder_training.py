@@ -109,3 +109,13 @@ def test_sd_saves_both_loras_in_one_file_that_diffusers_loads(tmp_path, autospli
     before = pipe.text_encoder(ids)[0]
     pipe.load_lora_weights(tmp_path, weight_name="lora.safetensors")
     assert not torch.allclose(before, pipe.text_encoder(ids)[0])
+
+
+def test_stage1_batches_keep_the_cached_prompt_whole(tmp_path, tiny_model, tiny_dataset):
+    from autosplit.cache import CacheReader
+
+    assert main(["run", "--task", "sft:data_process", "--output_path", str(tmp_path / "c"), *BOTH,
+                 "--set", "cache.batch_size=3"]) == 0
+    reader = CacheReader(tmp_path / "c")
+    prompts = [bytes(reader.read(i)["prompt"].numpy().tobytes()).decode() for i in range(len(reader))]
+    assert all(p.startswith("a ") and " on a " in p for p in prompts)  # whole captions, not token-trimmed
