@@ -42,3 +42,13 @@ def tiny_dataset(autosplit_home) -> Path:
     from autosplit.builtin import builtin_dataset_root
 
     return builtin_dataset_root()
+
+
+@pytest.fixture(scope="module")
+def on_the_cpu():
+    """For modules that compare caches and weights bit for bit across processes: device "auto"
+    resolves to the CPU (ACCELERATE_USE_CPU, as under `accelerate launch --cpu`), also on a GPU
+    host. Module scope, so the module's shared caches are made on the CPU too."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("ACCELERATE_USE_CPU", "true")
+        yield

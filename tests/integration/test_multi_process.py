@@ -18,14 +18,8 @@ from autosplit.cli import main
 from autosplit.trainer import TRACE_ENV, weights_digest
 
 
-@pytest.fixture(scope="module", autouse=True)
-def on_the_cpu():
-    """These tests compare caches and weights bit for bit across processes: on the CPU, also on a
-    GPU host (device "auto" resolves to the CPU under ACCELERATE_USE_CPU, as `accelerate launch --cpu`).
-    Module scope, so the module's shared caches are made on the CPU too."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("ACCELERATE_USE_CPU", "true")
-        yield
+# bit-for-bit comparisons across processes: on the CPU, on a GPU host too (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("on_the_cpu")
 
 BASE = ["--lora_rank", "4", "--seed", "3", "--dataset_repeat", "1"]
 NUM_SAMPLES = 16  # the built-in dataset
