@@ -292,9 +292,14 @@ def write_synthetic_dataset(root: Path, *, num_samples: int = 16, seed: int = 0)
         file = f"{i:04d}.png"
         Image.fromarray(pixels).save(root / file)
         rows.append((file, f"a {names[fg]} {pattern} on a {names[bg]} background"))
+    return _write_metadata(root, "image", rows)
+
+
+def _write_metadata(root: Path, media: str, rows: list[tuple[str, str]]) -> Path:
+    """metadata.csv of a synthetic dataset: a `media` column (image or video) and `prompt`."""
     with (root / "metadata.csv").open("w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
-        writer.writerow(["image", "prompt"])
+        writer.writerow([media, "prompt"])
         writer.writerows(rows)
     return root
 
@@ -334,8 +339,4 @@ def write_synthetic_videos(root: Path, *, num_samples: int = 6, seed: int = 0) -
             pixels[12:20, x:x + 8] = _COLORS[names[fg]]
             Image.fromarray(pixels).save(clip / f"{f:04d}.png")
         rows.append((clip.name, f"a {names[fg]} square moving right on a {names[bg]} background"))
-    with (root / "metadata.csv").open("w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(["video", "prompt"])
-        writer.writerows(rows)
-    return root
+    return _write_metadata(root, "video", rows)

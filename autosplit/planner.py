@@ -225,7 +225,6 @@ def make_plan(graph: UnitGraph, *, pipeline: str, task: str, trainable: tuple[st
     facts = {u.name: _facts(u, trainable, profile) for u in graph}
     forced = {u.name: _forced_reason(facts[u.name], u, profile, split, batch_size) for u in graph}
     for name, f in fissions.items():
-        unit = graph[name]
         facts[replay_name(name)] = dataclasses.replace(facts[name], peak_bytes=f.peak_bytes, flops=f.flops)
         forced[replay_name(name)] = forced.pop(name)
         facts[name] = dataclasses.replace(facts[name], random_ops=(), flops=max(facts[name].flops - f.flops, 0))
@@ -259,7 +258,7 @@ def replay_name(unit: str) -> str:
 
 
 def _fissions(graph: UnitGraph, profile: Profile | None, split: bool, batch_size: int,
-              trainable: tuple[str, ...] = ()) -> dict[str, FissionProfile]:
+              trainable: tuple[str, ...]) -> dict[str, FissionProfile]:
     """Units the solver may split: recorded without a problem, in a split run with batch size 1, and
     with a deterministic part worth caching (a cacheable output, or weights it uses)."""
     if profile is None or not split or batch_size != 1:
@@ -294,12 +293,17 @@ def _planning_graph(graph: UnitGraph, fissions: dict[str, FissionProfile]) -> Un
     return UnitGraph(units, sources=graph.sources, loss=graph.loss)
 
 
+def _graph_of(value: str, fissions: dict[str, FissionProfile]) -> FissionProfile | None:
+    """The split unit whose recorded graph `value` is, if it is one."""
+    return next((f for name, f in fissions.items() if graph_name(name) == value), None)
+
+
 def _per_sample(profile: Profile | None, value: str, fissions: dict[str, FissionProfile]) -> int:
     if profile is None:
         return 0
-    owner = value.removesuffix(".graph")
-    if value.endswith(".graph") and owner in fissions:
-        return fissions[owner].graph_bytes
+    recorded = _graph_of(value, fissions)
+    if recorded is not None:
+        return recorded.graph_bytes
     return profile.value(value).bytes // max(profile.batch_size, 1)
 
 
@@ -342,7 +346,7 @@ def _cached_values(graph: UnitGraph, stage1: frozenset[str], layouts: dict[str, 
             if any(c not in stage1 for c in graph.consumers(value)):
                 layout = layouts.get(value)
                 shape = dtype = nbytes = None
-                if profile is not None and value.endswith(".graph") and value.removesuffix(".graph") in fissions:
+                if profile is not None and _graph_of(value, fissions) is not None:
                     nbytes = _per_sample(profile, value, fissions)
                     shape, dtype = (nbytes,), "uint8"
                 elif profile is not None:
