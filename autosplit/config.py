@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -53,6 +54,20 @@ class DataConfig:
     caption_dropout: float = 0.0
     #: shards whose samples are shuffled together (epoch order: shard permutation, then windows)
     shuffle_window: int = 4
+    #: read media paths that lead outside the dataset folder (`../x.png`, absolute paths, symlinks
+    #: out of it); false makes such a row an error, since it usually names the wrong file
+    allow_outside_paths: bool = False
+    #: a folder without a metadata file: an image with no NAME.txt caption beside it is an "error",
+    #: or trains on the "empty" prompt
+    missing_caption: str = "error"
+    #: training sizes: "none" (each image scaled to max_pixels and cropped to the family's multiple,
+    #: so images of other sizes rarely share a batch) or "aspect" (aspect-ratio buckets near
+    #: max_pixels: each image resized and centre-cropped to the bucket nearest its aspect ratio)
+    buckets: str = "none"
+    #: aspect buckets: their sides are multiples of this many pixels (a multiple of the family's factor)
+    bucket_step: int = 64
+    #: aspect buckets: the widest ratio, e.g. 4.0 for buckets from 1:4 to 4:1
+    bucket_max_aspect: float = 4.0
 
 
 @dataclass
@@ -75,14 +90,31 @@ class TrainConfig:
     checkpoint_every: int = 0
     #: checkpoints kept on disk (the newest ones)
     checkpoints_kept: int = 2
-    #: continue from the newest checkpoint in OUTPUT/checkpoints
-    resume: bool = False
+    #: continue from the newest checkpoint in OUTPUT/checkpoints: "no", "yes" (--resume; an error
+    #: without a checkpoint) or "auto" (resume if there is one, else start from step 0); TOML's
+    #: true/false mean yes/no
+    resume: str = "no"
     #: multi-process runs: DDP looks for trainable parameters that got no gradient each step (needed
     #: when some do, e.g. LoRA on Qwen-Image's last block's text path); false skips that search
     find_unused_parameters: bool = True
     #: let torch use cuDNN's fused attention on CUDA; off by default because its backward returns
     #: NaN for some shapes since torch 2.11 (pytorch#196678; seen here on tiny FLUX on an H100)
     cudnn_attention: bool = False
+    #: when the progress bar is not shown (stderr is not a terminal, e.g. a log file): log step,
+    #: steps/s, loss and ETA every this many seconds (0: every step)
+    log_every_s: float = 30.0
+    #: repeated blocks of the denoiser whose frozen weights stay in pinned host memory and are copied
+    #: to the GPU ahead of each use (lossless; needs gradient checkpointing): a count, or "auto" (the
+    #: planner chooses the fastest that fits --vram_budget; none without a budget); docs/memory.md
+    blocks_to_swap: str = "auto"
+    #: storage of the frozen Linear weights in the denoiser's repeated blocks: "dtype" (the run's
+    #: dtype, lossless), "fp8" (e4m3 with per-channel scales, upcast per layer: lossy, half the
+    #: bytes) or "auto" (the planner may choose fp8 where it is faster under --vram_budget)
+    base_precision: str = "dtype"
+
+
+#: `lora.format` values (docs/lora-formats.md says which family writes what in each)
+LORA_FORMATS = ("diffusers", "kohya", "comfyui")
 
 
 @dataclass
@@ -99,6 +131,12 @@ class LoraConfig:
     alpha: float = 0.0
     #: train every weight of the base model instead of a LoRA
     full_finetune: bool = False
+    #: also write the LoRA as OUTPUT/lora_<format>.safetensors in another tool's key format:
+    #: "kohya" or "comfyui" (docs/lora-formats.md); "diffusers" writes lora.safetensors only
+    format: str = "diffusers"
+    #: start the LoRA from this file (diffusers, kohya or ComfyUI format; DiffSynth-Studio's
+    #: --lora_checkpoint): its weights only, not the optimizer or data position (that is --resume)
+    checkpoint: str = ""
 
 
 @dataclass
@@ -115,6 +153,9 @@ class CacheConfig:
     #: cache K variants of each sample's random augmentations (seeded by sample and variant) so
     #: the VAE stays in stage 1; stage 2 picks one per sample per epoch. 0: augment in stage 2
     variants: int = 0
+    #: when the progress bar is not shown (stderr is not a terminal): log stage 1's samples done,
+    #: samples/s and ETA every this many seconds (0: every encoded batch)
+    log_every_s: float = 30.0
 
 
 @dataclass
@@ -126,6 +167,13 @@ class PlanConfig:
     solver: str = "auto"
     #: GPU memory to fit stage 2 into, GiB (0: no budget)
     vram_budget_gib: float = 0.0
+    #: host RAM the placement may use, GiB (0: what this machine has)
+    host_ram_gib: float = 0.0
+    #: pinned host -> GPU copy bandwidth the planner assumes, GB/s (0: 55, measured on an H200)
+    host_to_device_gbps: float = 0.0
+    #: stage 2's effective training rate the planner times steps with, TFLOP/s (0: 157.7, measured:
+    #: full-size Qwen-Image LoRA on an H200)
+    train_tflops: float = 0.0
 
 
 @dataclass
@@ -175,8 +223,9 @@ SEED_FLAGS = {
 def all_keys() -> list[str]:
     keys = []
     for f in dataclasses.fields(RunConfig):
-        if dataclasses.is_dataclass(f.default_factory if f.default_factory is not dataclasses.MISSING else None):
-            keys += [f"{f.name}.{sub.name}" for sub in dataclasses.fields(f.default_factory)]
+        section: Any = f.default_factory if f.default_factory is not dataclasses.MISSING else None
+        if dataclasses.is_dataclass(section):
+            keys += [f"{f.name}.{sub.name}" for sub in dataclasses.fields(section)]
         else:
             keys.append(f.name)
     return keys
@@ -209,6 +258,10 @@ def _coerce(key: str, value: Any, kind: type) -> Any:
     return value
 
 
+#: other spellings of `train.resume`'s values (TOML's true/false, --set train.resume=true)
+_RESUME_ALIASES = {"true": "yes", "false": "no", "1": "yes", "0": "no", "on": "yes", "off": "no"}
+
+
 def apply_overrides(config: RunConfig, overrides: dict[str, Any], *, origin: str) -> list[str]:
     """Set dotted keys on `config`; return one problem string per bad key or value."""
     problems = []
@@ -222,7 +275,10 @@ def apply_overrides(config: RunConfig, overrides: dict[str, Any], *, origin: str
         owner, _, name = key.rpartition(".")
         target = getattr(config, owner) if owner else config
         try:
-            setattr(target, name, _coerce(key, value, _field_type(target, name)))
+            value = _coerce(key, value, _field_type(target, name))
+            if key == "train.resume":
+                value = _RESUME_ALIASES.get(value.strip().lower(), value.strip().lower())
+            setattr(target, name, value)
         except ValueError as exc:
             problems.append(f"{origin}: {exc}")
     return problems
@@ -247,11 +303,23 @@ def validate(config: RunConfig) -> list[str]:
         ("data.max_frames", config.data.max_frames >= 1, "must be at least 1"),
         ("data.num_workers", config.data.num_workers >= 1, "must be at least 1"),
         ("data.prefetch", config.data.prefetch >= 1, "must be at least 1"),
-        ("data.vae_latents", config.data.vae_latents in ("mode", "sample", "frozen_sample"),
-         "must be mode, sample or frozen_sample"),
+        (
+            "data.vae_latents",
+            config.data.vae_latents in ("mode", "sample", "frozen_sample"),
+            "must be mode, sample or frozen_sample",
+        ),
         ("data.shuffle_window", config.data.shuffle_window >= 1, "must be at least 1"),
         ("data.random_flip", 0.0 <= config.data.random_flip <= 1.0, "must be a probability, 0 to 1"),
         ("data.caption_dropout", 0.0 <= config.data.caption_dropout <= 1.0, "must be a probability, 0 to 1"),
+        ("data.missing_caption", config.data.missing_caption in ("error", "empty"), "must be error or empty"),
+        ("data.buckets", config.data.buckets in ("none", "aspect"), "must be none or aspect"),
+        ("data.bucket_step", config.data.bucket_step >= 1, "must be at least 1 (pixels)"),
+        (
+            "data.bucket_max_aspect",
+            config.data.bucket_max_aspect >= 1.0,
+            "must be at least 1 (the widest width:height ratio, e.g. 4 for 1:4 to 4:1)",
+        ),
+        ("lora.format", config.lora.format in LORA_FORMATS, "must be diffusers, kohya or comfyui"),
         ("cache.variants", config.cache.variants >= 0, "must be 0 (augment in stage 2) or a count of variants"),
         ("train.learning_rate", config.train.learning_rate > 0, "must be positive"),
         ("train.num_epochs", config.train.num_epochs >= 1, "must be at least 1"),
@@ -262,22 +330,71 @@ def validate(config: RunConfig) -> list[str]:
         ("train.checkpoint_every", config.train.checkpoint_every >= 0, "must be 0 (never) or positive"),
         ("train.checkpoints_kept", config.train.checkpoints_kept >= 1, "must be at least 1"),
         ("train.mixed_precision", config.train.mixed_precision in ("no", "bf16", "fp16"), "must be no, bf16 or fp16"),
+        (
+            "train.resume",
+            config.train.resume in ("no", "yes", "auto"),
+            "must be no, yes (--resume: continue from the newest checkpoint) or auto (continue if there is one)",
+        ),
+        ("train.log_every_s", config.train.log_every_s >= 0, "must be 0 (log every step) or positive seconds"),
+        ("cache.log_every_s", config.cache.log_every_s >= 0, "must be 0 (log every batch) or positive seconds"),
         ("lora.rank", config.lora.rank >= 1, "must be at least 1"),
         ("cache.shard_size", config.cache.shard_size >= 1, "must be at least 1"),
         ("cache.zstd_level", -7 <= config.cache.zstd_level <= 22, "must be between -7 and 22"),
         ("plan.profile", config.plan.profile in ("fake", "real", "none"), "must be fake, real or none"),
         ("plan.solver", config.plan.solver in ("auto", "enumerate", "mincut"), "must be auto, enumerate or mincut"),
         ("plan.vram_budget_gib", config.plan.vram_budget_gib >= 0, "must be 0 (no budget) or positive"),
+        ("plan.host_ram_gib", config.plan.host_ram_gib >= 0, "must be 0 (this machine's RAM) or positive"),
+        (
+            "plan.host_to_device_gbps",
+            config.plan.host_to_device_gbps >= 0,
+            "must be 0 (the measured default) or positive",
+        ),
+        ("plan.train_tflops", config.plan.train_tflops >= 0, "must be 0 (the measured default) or positive"),
         ("cache.batch_size", config.cache.batch_size >= 1, "must be at least 1"),
         ("cache.reader", config.cache.reader in ("tensorstore", "zarr"), "must be tensorstore or zarr"),
-        ("model.dtype", config.model.dtype in ("auto", "float32", "bfloat16", "float16"),
-         "must be auto, float32, bfloat16 or float16"),
+        (
+            "model.dtype",
+            config.model.dtype in ("auto", "float32", "bfloat16", "float16"),
+            "must be auto, float32, bfloat16 or float16",
+        ),
     ]
     for key, ok, fix in checks:
         if not ok:
             owner, _, name = key.partition(".")
             problems.append(f"{key}={getattr(getattr(config, owner), name)!r} {fix}")
-    return problems
+    return problems + _placement_problems(config)
+
+
+def _placement_problems(config: RunConfig) -> list[str]:
+    """train.blocks_to_swap: "auto" or a count, and only where swapping can work; fp8 only for LoRA."""
+    precision = config.train.base_precision
+    if precision not in ("dtype", "fp8", "auto"):
+        return [f"train.base_precision={precision!r} must be dtype, fp8 or auto (--base_precision)"]
+    if precision != "dtype" and config.lora.full_finetune:
+        return [
+            f"--base_precision {precision} with --full_finetune: fp8 stores frozen weights, and a full fine-tune "
+            f"trains them all; drop one of the two"
+        ]
+    swap = config.train.blocks_to_swap.strip().lower()
+    if swap != "auto" and not (swap.isdigit()):
+        return [
+            f"train.blocks_to_swap={config.train.blocks_to_swap!r} must be a count of blocks or auto "
+            f"(--blocks_to_swap N|auto)"
+        ]
+    config.train.blocks_to_swap = swap if swap == "auto" else str(int(swap))
+    if swap in ("auto", "0"):
+        return []
+    if config.lora.full_finetune:
+        return [
+            f"--blocks_to_swap {swap} with --full_finetune: swapping moves frozen weights, and a full fine-tune "
+            f"has none; drop one of the two"
+        ]
+    if not config.train.gradient_checkpointing:
+        return [
+            f"--blocks_to_swap {swap} needs gradient checkpointing (without it autograd keeps every swapped "
+            f"block's weights on the GPU until the backward): add --use_gradient_checkpointing"
+        ]
+    return []
 
 
 #: defaults of the built-in run (no dataset given): enough steps to watch the loss fall, ~30 s on 2 cores
@@ -319,3 +436,9 @@ def _load(config: RunConfig, *, toml_path: Path | None, sets: list[str], flags: 
     if problems:
         raise ConfigError("; ".join(problems))
     return config
+
+
+def autosplit_home() -> Path:
+    """Where autosplit keeps the built-in pipelines and datasets, memoized profiles and staged
+    remote caches: $AUTOSPLIT_HOME, default ~/.cache/autosplit."""
+    return Path(os.environ.get("AUTOSPLIT_HOME", Path.home() / ".cache" / "autosplit"))

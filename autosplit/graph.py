@@ -9,8 +9,9 @@ unsplit runs draw the same numbers.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import torch
 
@@ -57,9 +58,7 @@ class Unit:
             raise GraphError(f"unit {self.name!r} is missing inputs {missing}")
         out = self.fn({name: values[name] for name in self.inputs}, ctx)
         if set(out) != set(self.outputs):
-            raise GraphError(
-                f"unit {self.name!r} returned {sorted(out)} but declares outputs {sorted(self.outputs)}"
-            )
+            raise GraphError(f"unit {self.name!r} returned {sorted(out)} but declares outputs {sorted(self.outputs)}")
         return out
 
 
@@ -84,9 +83,7 @@ class UnitGraph:
                 if value in self.sources:
                     raise GraphError(f"unit {unit.name!r} outputs {value!r}, which is a dataset source")
                 if value in self.producer:
-                    raise GraphError(
-                        f"value {value!r} is produced by both {self.producer[value]!r} and {unit.name!r}"
-                    )
+                    raise GraphError(f"value {value!r} is produced by both {self.producer[value]!r} and {unit.name!r}")
                 self.producer[value] = unit.name
         for unit in units:
             for value in unit.inputs:
@@ -107,7 +104,7 @@ class UnitGraph:
             if state.get(name) == 2:
                 return
             if state.get(name) == 1:
-                cycle = " -> ".join(path[path.index(name):] + [name])
+                cycle = " -> ".join(path[path.index(name) :] + [name])
                 raise GraphError(f"the unit graph has a cycle: {cycle}")
             state[name] = 1
             for value in by_name[name].inputs:

@@ -17,7 +17,8 @@ it in stage 1 with the prompt embeddings and target latents.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,9 +34,18 @@ TASKS = ("sft", "direct_distill")
 #: trains), a fresh sample every step (the distribution is cached, sampling runs in stage 2), or
 #: one frozen sample per image (seeded by the sample, so it is cached)
 VAE_LATENTS = ("mode", "sample", "frozen_sample")
-SOURCES = ("image_path", "image_size", "num_frames", "prompt", "sample_id", "variant", "seed", "rand_device",
-           "num_inference_steps",
-           "cfg_scale")
+SOURCES = (
+    "image_path",
+    "image_size",
+    "num_frames",
+    "prompt",
+    "sample_id",
+    "variant",
+    "seed",
+    "rand_device",
+    "num_inference_steps",
+    "cfg_scale",
+)
 #: sources that are text: cached as ragged UTF-8 bytes when a stage-2 unit reads them
 TEXT_SOURCES = ("image_path", "prompt", "rand_device")
 #: dataset columns each task needs besides the image (or video) and the prompt
@@ -55,8 +65,11 @@ def load_videos(values: Mapping[str, Any], ctx: UnitContext) -> dict[str, Any]:
 def objective(scheduler: Any) -> str:
     """'flow', 'epsilon' or 'v_prediction', read from the scheduler's class and config."""
     cfg = scheduler.config
-    if (type(scheduler).__name__.startswith("FlowMatch") or cfg.get("use_flow_sigmas")
-            or cfg.get("prediction_type") == "flow_prediction"):
+    if (
+        type(scheduler).__name__.startswith("FlowMatch")
+        or cfg.get("use_flow_sigmas")
+        or cfg.get("prediction_type") == "flow_prediction"
+    ):
         return "flow"
     kind = cfg.get("prediction_type", "epsilon")
     if kind not in ("epsilon", "v_prediction"):
@@ -143,18 +156,35 @@ def _latent_units(adapter: Adapter, units: list[Unit], vae_latents: str) -> list
     if vae_latents not in VAE_LATENTS:
         raise ConfigError(f"data.vae_latents={vae_latents!r} is unknown; choose one of {list(VAE_LATENTS)}")
     encode = next((u for u in units if u.name == "encode_image"), None)
-    if encode is None or not hasattr(adapter, "encode_image_dist"):
+    if encode is None or adapter.encode_image_dist is None:
         raise ConfigError(f"data.vae_latents={vae_latents!r}: the {adapter.name} family supports only 'mode'")
-    dist = Unit("encode_image_dist", encode.inputs, ("latent_mean", "latent_std"), adapter.encode_image_dist,
-                components=encode.components, doc="VAE posterior mean and std, normalized")
+    dist = Unit(
+        "encode_image_dist",
+        encode.inputs,
+        ("latent_mean", "latent_std"),
+        adapter.encode_image_dist,
+        components=encode.components,
+        doc="VAE posterior mean and std, normalized",
+    )
     if vae_latents == "sample":
-        sample = Unit("sample_latents", ("latent_mean", "latent_std"), ("image_latents",), sample_latents,
-                      draws_random=True, doc="a fresh posterior sample every step")
+        sample = Unit(
+            "sample_latents",
+            ("latent_mean", "latent_std"),
+            ("image_latents",),
+            sample_latents,
+            draws_random=True,
+            doc="a fresh posterior sample every step",
+        )
     else:
-        sample = Unit("sample_latents", ("latent_mean", "latent_std", "sample_id"), ("image_latents",),
-                      sample_latents_frozen, doc="one posterior sample per image, seeded by the sample")
+        sample = Unit(
+            "sample_latents",
+            ("latent_mean", "latent_std", "sample_id"),
+            ("image_latents",),
+            sample_latents_frozen,
+            doc="one posterior sample per image, seeded by the sample",
+        )
     index = units.index(encode)
-    return units[:index] + [dist, sample] + units[index + 1:]
+    return units[:index] + [dist, sample] + units[index + 1 :]
 
 
 def denoise_loss(values: Mapping[str, Any], ctx: UnitContext) -> dict[str, Any]:
@@ -195,12 +225,18 @@ def make_rollout(denoise: Unit) -> Unit:
         if not (steps == steps[0]).all():
             raise DatasetError(f"a batch mixes num_inference_steps {steps.tolist()}; use --batch_size 1 or one value")
         if not getattr(ctx.components[trained].config, "guidance_embeds", False) and (guidance != 1).any():
-            raise DatasetError(f"cfg_scale {guidance.tolist()}: this family's student runs without guidance "
-                               f"(as the seed's direct distillation); set cfg_scale to 1")
+            raise DatasetError(
+                f"cfg_scale {guidance.tolist()}: this family's student runs without guidance "
+                f"(as the seed's direct distillation); set cfg_scale to 1"
+            )
         latents = values["initial_noise"]
         n = int(steps[0])
-        sigmas = _set_sigmas(ctx.components["scheduler"], n, _seq_len(latents, ctx.settings.get("patch_size", 2)),
-                             sigmas=np.linspace(1.0, 1 / n, n))
+        sigmas = _set_sigmas(
+            ctx.components["scheduler"],
+            n,
+            _seq_len(latents, ctx.settings.get("patch_size", 2)),
+            sigmas=np.linspace(1.0, 1 / n, n),
+        )
         sigmas = sigmas.to(latents.device)
         fixed = {name: values[name] for name in cond}
 
@@ -213,9 +249,14 @@ def make_rollout(denoise: Unit) -> Unit:
             latents = checkpoint(step, latents, i, use_reentrant=False)
         return {"final_latents": latents}
 
-    return Unit("rollout", ("initial_noise", "num_steps", "guidance_scale", *cond), ("final_latents",), rollout,
-                components=(*denoise.components, "scheduler"),
-                doc="student's num_inference_steps Euler steps, each checkpointed")
+    return Unit(
+        "rollout",
+        ("initial_noise", "num_steps", "guidance_scale", *cond),
+        ("final_latents",),
+        rollout,
+        components=(*denoise.components, "scheduler"),
+        doc="student's num_inference_steps Euler steps, each checkpointed",
+    )
 
 
 def distill_loss(values: Mapping[str, Any], ctx: UnitContext) -> dict[str, Any]:
@@ -224,13 +265,31 @@ def distill_loss(values: Mapping[str, Any], ctx: UnitContext) -> dict[str, Any]:
 
 def _sft_units() -> list[Unit]:
     return [
-        Unit("sample_timestep", ("image_latents",), ("sigma", "timestep"), sample_timestep,
-             components=("scheduler",), draws_random=True,
-             doc="flow: uniform index into the shifted sigmas; DDPM: uniform integer timestep"),
-        Unit("sample_noise", ("image_latents",), ("noise",), sample_noise, draws_random=True,
-             doc="standard normal noise, fresh every step"),
-        Unit("add_noise", ("image_latents", "noise", "sigma", "timestep"), ("noisy_latents", "target"), add_noise,
-             components=("scheduler",), doc="noising and target of the scheduler's objective"),
+        Unit(
+            "sample_timestep",
+            ("image_latents",),
+            ("sigma", "timestep"),
+            sample_timestep,
+            components=("scheduler",),
+            draws_random=True,
+            doc="flow: uniform index into the shifted sigmas; DDPM: uniform integer timestep",
+        ),
+        Unit(
+            "sample_noise",
+            ("image_latents",),
+            ("noise",),
+            sample_noise,
+            draws_random=True,
+            doc="standard normal noise, fresh every step",
+        ),
+        Unit(
+            "add_noise",
+            ("image_latents", "noise", "sigma", "timestep"),
+            ("noisy_latents", "target"),
+            add_noise,
+            components=("scheduler",),
+            doc="noising and target of the scheduler's objective",
+        ),
         Unit("denoise_loss", ("model_pred", "target"), ("loss",), denoise_loss, doc="MSE in fp32"),
     ]
 
@@ -238,13 +297,28 @@ def _sft_units() -> list[Unit]:
 def _distill_units(denoise: Unit) -> list[Unit]:
     return [
         # randomness seeded by the sample itself is deterministic: draws_random stays False
-        Unit("initial_noise", ("image_latents", "seed", "rand_device"), ("initial_noise",), initial_noise,
-             doc="randn from torch.Generator(rand_device).manual_seed(seed), per sample"),
-        Unit("distill_settings", ("num_inference_steps", "cfg_scale"), ("num_steps", "guidance_scale"),
-             distill_settings, doc="the row's student steps and guidance, as tensors"),
+        Unit(
+            "initial_noise",
+            ("image_latents", "seed", "rand_device"),
+            ("initial_noise",),
+            initial_noise,
+            doc="randn from torch.Generator(rand_device).manual_seed(seed), per sample",
+        ),
+        Unit(
+            "distill_settings",
+            ("num_inference_steps", "cfg_scale"),
+            ("num_steps", "guidance_scale"),
+            distill_settings,
+            doc="the row's student steps and guidance, as tensors",
+        ),
         make_rollout(denoise),
-        Unit("distill_loss", ("final_latents", "image_latents"), ("loss",), distill_loss,
-             doc="MSE between the student's final latents and the target's latents, fp32"),
+        Unit(
+            "distill_loss",
+            ("final_latents", "image_latents"),
+            ("loss",),
+            distill_loss,
+            doc="MSE between the student's final latents and the target's latents, fp32",
+        ),
     ]
 
 
@@ -274,8 +348,14 @@ def _augment(head: list[Unit], random_flip_p: float, variants: int) -> list[Unit
         return head
     load = head[0]
     decode = Unit(load.name, load.inputs, ("decoded_image",), load.fn, doc=load.doc)
-    flip = Unit("random_flip", ("decoded_image", "sample_id", "variant"), ("image",), random_flip,
-                draws_random=variants == 0, doc="random horizontal flip (cached as variants with cache.variants)")
+    flip = Unit(
+        "random_flip",
+        ("decoded_image", "sample_id", "variant"),
+        ("image",),
+        random_flip,
+        draws_random=variants == 0,
+        doc="random horizontal flip (cached as variants with cache.variants)",
+    )
     return [_renamed(decode), flip, *head[1:]]
 
 
@@ -289,7 +369,7 @@ def _renamed(unit: Unit) -> Unit:
 def source_layouts() -> dict[str, Any]:
     """How text sources are cached if a stage-2 unit reads them (ragged bytes, capped)."""
     from autosplit.adapters.base import ValueLayout
-    from autosplit.loader import MAX_SOURCE_BYTES
+    from autosplit.storage.codec import MAX_SOURCE_BYTES
 
     return {name: ValueLayout(ragged_axis=0, max_len=MAX_SOURCE_BYTES) for name in TEXT_SOURCES}
 
@@ -304,8 +384,10 @@ def caption_dropout(values: Mapping[str, Any], ctx: UnitContext) -> dict[str, An
     values (tokens along axis 1) are zero-padded to the longer of the two before choosing."""
     cached = ctx.settings.get("variants", 0) > 0
     p = ctx.settings.get("caption_dropout", 0.0)
-    draws = [torch.rand((), generator=variant_generator(ctx, i, v, stream=1) if cached else ctx.generator) < p
-             for i, v in zip(values["sample_id"], values["variant"])]
+    draws = [
+        torch.rand((), generator=variant_generator(ctx, i, v, stream=1) if cached else ctx.generator) < p
+        for i, v in zip(values["sample_id"], values["variant"])
+    ]
     out = {}
     for name in values:
         if not name.startswith(CAPTION):
@@ -313,8 +395,9 @@ def caption_dropout(values: Mapping[str, Any], ctx: UnitContext) -> dict[str, An
         full, empty = values[name], values[EMPTY_CAPTION + name.removeprefix(CAPTION)]
         if full.dim() > 1 and full.shape[1] != empty.shape[1]:
             longest = max(full.shape[1], empty.shape[1])
-            full, empty = (torch.nn.functional.pad(t, (0, 0) * (t.dim() - 2) + (0, longest - t.shape[1]))
-                           for t in (full, empty))
+            full, empty = (
+                torch.nn.functional.pad(t, (0, 0) * (t.dim() - 2) + (0, longest - t.shape[1])) for t in (full, empty)
+            )
         drop = torch.stack(draws).to(full.device).view(-1, *([1] * (full.dim() - 1)))
         out[name.removeprefix(CAPTION)] = torch.where(drop, empty, full)  # no Python branch: fake-safe
     return out
@@ -328,8 +411,14 @@ def _with_outputs(unit: Unit, name: str, prefix: str, *, empty: bool = False) ->
             values = {**values, "prompt": [""] * len(values["prompt"])}
         return {prefix + k: v for k, v in unit.fn(values, ctx).items()}
 
-    return Unit(name, unit.inputs, tuple(prefix + o for o in unit.outputs), fn, unit.components,
-                doc=f"{unit.doc} ({'the empty prompt' if empty else 'the caption'}, for caption dropout)")
+    return Unit(
+        name,
+        unit.inputs,
+        tuple(prefix + o for o in unit.outputs),
+        fn,
+        unit.components,
+        doc=f"{unit.doc} ({'the empty prompt' if empty else 'the caption'}, for caption dropout)",
+    )
 
 
 def _caption_dropout(family: list[Unit], p: float, variants: int) -> list[Unit]:
@@ -339,33 +428,62 @@ def _caption_dropout(family: list[Unit], p: float, variants: int) -> list[Unit]:
         return family
     full = _with_outputs(encode, encode.name, CAPTION)
     empty = _with_outputs(encode, "encode_empty_prompt", EMPTY_CAPTION, empty=True)
-    choose = Unit("caption_dropout", (*full.outputs, *empty.outputs, "sample_id", "variant"), encode.outputs,
-                  caption_dropout, draws_random=variants == 0,
-                  doc="the empty prompt's conditioning with probability data.caption_dropout")
+    choose = Unit(
+        "caption_dropout",
+        (*full.outputs, *empty.outputs, "sample_id", "variant"),
+        encode.outputs,
+        caption_dropout,
+        draws_random=variants == 0,
+        doc="the empty prompt's conditioning with probability data.caption_dropout",
+    )
     index = family.index(encode)
-    return family[:index] + [full, empty, choose] + family[index + 1:]
+    return family[:index] + [full, empty, choose] + family[index + 1 :]
 
 
 def graph_layouts(adapter: Adapter) -> dict[str, Any]:
     """How the values of a graph are cached: text sources, the family's layouts, and the same
     layouts for the caption-dropout copies of its text values."""
     family = adapter.value_layouts()
-    return {**source_layouts(), **family, **{prefix + k: v for k, v in family.items()
-                                             for prefix in (CAPTION, EMPTY_CAPTION)}}
+    return {
+        **source_layouts(),
+        **family,
+        **{prefix + k: v for k, v in family.items() for prefix in (CAPTION, EMPTY_CAPTION)},
+    }
 
 
-def build_graph(adapter: Adapter, task: str, *, vae_latents: str = "mode", random_flip_p: float = 0.0,
-                variants: int = 0, caption_dropout_p: float = 0.0) -> UnitGraph:
+def build_graph(
+    adapter: Adapter,
+    task: str,
+    *,
+    vae_latents: str = "mode",
+    random_flip_p: float = 0.0,
+    variants: int = 0,
+    caption_dropout_p: float = 0.0,
+) -> UnitGraph:
     """The unit graph of `task` on `adapter`'s family (raises ConfigError for an unknown task)."""
     if task not in TASKS:
         forms = ", ".join(f"{t}, {t}:data_process, {t}:train" for t in TASKS)
         raise ConfigError(f"--task {task!r} is unknown; choose one of {forms}")
     if adapter.media == "video":
-        head = [Unit("load_video", ("image_path", "image_size", "num_frames"), ("video",), load_videos,
-                     doc="decode frames, resize to cover, centre-crop")]
+        head = [
+            Unit(
+                "load_video",
+                ("image_path", "image_size", "num_frames"),
+                ("video",),
+                load_videos,
+                doc="decode frames, resize to cover, centre-crop",
+            )
+        ]
     else:
-        head = [Unit("load_image", ("image_path", "image_size"), ("image",), load_images,
-                     doc="decode, resize to cover, centre-crop to the training size")]
+        head = [
+            Unit(
+                "load_image",
+                ("image_path", "image_size"),
+                ("image",),
+                load_images,
+                doc="decode, resize to cover, centre-crop to the training size",
+            )
+        ]
     head = _augment(head, random_flip_p, variants)
     family = _caption_dropout(_latent_units(adapter, adapter.family_units(), vae_latents), caption_dropout_p, variants)
     if task == "sft":

@@ -20,9 +20,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from tiny_dit import TinyDiT, train_step
 
-from autosplit.cache import CacheWriter, TensorStoreReader, describe_cache, make_buckets
-from autosplit.loader import PrefetchLoader, collate
-from autosplit.planner import CachedValue, Plan, UnitPlacement
+from autosplit.plan import CachedValue, Plan, UnitPlacement
+from autosplit.storage.cache import CacheWriter, TensorStoreReader, describe_cache, make_buckets
+from autosplit.storage.loader import PrefetchLoader, collate
 
 NUM_SAMPLES = int(os.environ.get("BENCH_NUM_SAMPLES", "1000"))
 SHARD_SIZE, BATCH_SIZE, NUM_WORKERS, PREFETCH = 64, 4, 2, 4
@@ -34,15 +34,24 @@ RAGGED = {"prompt_embeds": 0}
 def make_sample(i: int) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(i)
     length = int(torch.randint(80, 121, (1,), generator=g))
-    return {"latents": torch.randn(16, 64, 64, generator=g).bfloat16(),
-            "prompt_embeds": torch.randn(length, 3584, generator=g).bfloat16()}
+    return {
+        "latents": torch.randn(16, 64, 64, generator=g).bfloat16(),
+        "prompt_embeds": torch.randn(length, 3584, generator=g).bfloat16(),
+    }
 
 
 def bench_plan() -> Plan:
-    return Plan(pipeline="bench", task="sft", split=True, trainable=("transformer",),
-                units=(UnitPlacement("encode", 1, "synthetic"),),
-                cached=(CachedValue("latents", "encode", shape=(16, 64, 64), dtype="bfloat16"),
-                        CachedValue("prompt_embeds", "encode", ragged_axis=0, max_len=128)))
+    return Plan(
+        pipeline="bench",
+        task="sft",
+        split=True,
+        trainable=("transformer",),
+        units=(UnitPlacement("encode", 1, "synthetic"),),
+        cached=(
+            CachedValue("latents", "encode", shape=(16, 64, 64), dtype="bfloat16"),
+            CachedValue("prompt_embeds", "encode", ragged_axis=0, max_len=128),
+        ),
+    )
 
 
 def dir_bytes(path: Path) -> int:
@@ -55,8 +64,15 @@ def data(tmp_path_factory):
     (root / "pt").mkdir()
     (root / "st").mkdir()
     (bucket,) = make_buckets([(64, 64)] * NUM_SAMPLES)
-    writer = CacheWriter(root / "cache", plan=bench_plan(), buckets=[bucket], key={"bench": NUM_SAMPLES},
-                         shard_size=SHARD_SIZE, zstd_level=1, source_sha256=[bytes(32)] * NUM_SAMPLES)
+    writer = CacheWriter(
+        root / "cache",
+        plan=bench_plan(),
+        buckets=[bucket],
+        key={"bench": NUM_SAMPLES},
+        shard_size=SHARD_SIZE,
+        zstd_level=1,
+        source_sha256=[bytes(32)] * NUM_SAMPLES,
+    )
     raw = 0
     for k, (lo, hi) in enumerate(bucket.shards(SHARD_SIZE)):
         samples = [make_sample(i) for i in range(lo, hi)]
@@ -70,9 +86,17 @@ def data(tmp_path_factory):
 
 
 def _loader(read_sample, submit=None, *, batch_size: int = BATCH_SIZE) -> PrefetchLoader:
-    return PrefetchLoader(read_sample, [0] * NUM_SAMPLES, make_batch=lambda items: collate(items, RAGGED),
-                          batch_size=batch_size, seed=0, num_workers=NUM_WORKERS, prefetch=PREFETCH,
-                          shard_size=SHARD_SIZE, submit_batch=submit)
+    return PrefetchLoader(
+        read_sample,
+        [0] * NUM_SAMPLES,
+        make_batch=lambda items: collate(items, RAGGED),
+        batch_size=batch_size,
+        seed=0,
+        num_workers=NUM_WORKERS,
+        prefetch=PREFETCH,
+        shard_size=SHARD_SIZE,
+        submit_batch=submit,
+    )
 
 
 def _rate(fn) -> float:
@@ -94,9 +118,9 @@ def _through(loader: PrefetchLoader) -> int:
 def test_read_throughput(benchmark, data):
     root = data["root"]
     reader = TensorStoreReader(data["cache"])
-    pt = lambda i: torch.load(root / "pt" / f"{i:06d}.pt", weights_only=True)  # noqa: E731
-    st = lambda i: load_file(str(root / "st" / f"{i:06d}.safetensors"))  # noqa: E731
-    ours_loader = lambda: _through(_loader(reader.read, reader.submit))  # noqa: E731
+    pt = lambda i: torch.load(root / "pt" / f"{i:06d}.pt", weights_only=True)
+    st = lambda i: load_file(str(root / "st" / f"{i:06d}.safetensors"))
+    ours_loader = lambda: _through(_loader(reader.read, reader.submit))
     methods = {
         "ours_prefetch_loader": ours_loader,  # as stage 2 reads: tensorstore, reads in flight, batches collated
         "ours_tensorstore_read": lambda: _loop(reader.read),  # one blocking whole-sample read at a time
@@ -117,32 +141,40 @@ def test_read_throughput(benchmark, data):
     median = {name: statistics.median(r) for name, r in rates.items()}
     benchmark.pedantic(ours_loader, rounds=1, iterations=1)
     ours = median["ours_prefetch_loader"]
-    benchmark.extra_info.update({
-        "num_samples": NUM_SAMPLES, "raw_bytes_per_sample": data["raw_bytes"] // NUM_SAMPLES,
-        "batch_size": BATCH_SIZE, "num_workers": NUM_WORKERS, "rounds": ROUNDS,
-        "samples_per_s": {k: round(v, 1) for k, v in median.items()},
-        "loader_over_torch_load": round(ours / median["torch_load"], 3),
-        "loader_over_safetensors": round(ours / median["safetensors"], 3),
-        "tensorstore_read_over_torch_load": round(median["ours_tensorstore_read"] / median["torch_load"], 3),
-        "tensorstore_read_over_safetensors": round(median["ours_tensorstore_read"] / median["safetensors"], 3),
-        "loader_over_torch_load_same_loader": round(ours / median["torch_load_prefetch_loader"], 3),
-        "loader_over_safetensors_same_loader": round(ours / median["safetensors_prefetch_loader"], 3),
-    })
+    benchmark.extra_info.update(
+        {
+            "num_samples": NUM_SAMPLES,
+            "raw_bytes_per_sample": data["raw_bytes"] // NUM_SAMPLES,
+            "batch_size": BATCH_SIZE,
+            "num_workers": NUM_WORKERS,
+            "rounds": ROUNDS,
+            "samples_per_s": {k: round(v, 1) for k, v in median.items()},
+            "loader_over_torch_load": round(ours / median["torch_load"], 3),
+            "loader_over_safetensors": round(ours / median["safetensors"], 3),
+            "tensorstore_read_over_torch_load": round(median["ours_tensorstore_read"] / median["torch_load"], 3),
+            "tensorstore_read_over_safetensors": round(median["ours_tensorstore_read"] / median["safetensors"], 3),
+            "loader_over_torch_load_same_loader": round(ours / median["torch_load_prefetch_loader"], 3),
+            "loader_over_safetensors_same_loader": round(ours / median["safetensors_prefetch_loader"], 3),
+        }
+    )
 
 
 def test_bytes_on_disk(benchmark, data):
     described = benchmark.pedantic(describe_cache, args=(data["cache"],), rounds=1, iterations=1)
     raw = data["raw_bytes"]
     assert described["raw_bytes"] == raw
-    benchmark.extra_info.update({
-        "num_samples": NUM_SAMPLES, "raw_bytes": raw,
-        "cache_bytes_on_disk": described["bytes_on_disk"],
-        "cache_disk_over_raw": round(described["bytes_on_disk"] / raw, 4),
-        "cache_files": sum(1 for f in data["cache"].rglob("*") if f.is_file()),
-        "torch_save_disk_over_raw": round(dir_bytes(data["root"] / "pt") / raw, 4),
-        "safetensors_disk_over_raw": round(dir_bytes(data["root"] / "st") / raw, 4),
-        "per_sample_files": NUM_SAMPLES,
-    })
+    benchmark.extra_info.update(
+        {
+            "num_samples": NUM_SAMPLES,
+            "raw_bytes": raw,
+            "cache_bytes_on_disk": described["bytes_on_disk"],
+            "cache_disk_over_raw": round(described["bytes_on_disk"] / raw, 4),
+            "cache_files": sum(1 for f in data["cache"].rglob("*") if f.is_file()),
+            "torch_save_disk_over_raw": round(dir_bytes(data["root"] / "pt") / raw, 4),
+            "safetensors_disk_over_raw": round(dir_bytes(data["root"] / "st") / raw, 4),
+            "per_sample_files": NUM_SAMPLES,
+        }
+    )
 
 
 def _train(batches, *, num_steps: int) -> list[float]:
@@ -175,7 +207,7 @@ def test_step_time_with_loader(benchmark, data):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        in_memory = list(loaded())[:num_steps + 5]
+        in_memory = list(loaded())[: num_steps + 5]
         memory_s, loader_s = [], []
         for _ in range(2):  # interleaved rounds
             memory_s.append(sum(_train(in_memory, num_steps=num_steps)))
@@ -184,10 +216,15 @@ def test_step_time_with_loader(benchmark, data):
     finally:
         torch.set_num_threads(threads)
     ratio = min(loader_s) / min(memory_s)
-    benchmark.extra_info.update({
-        "num_steps": num_steps, "batch_size": STEP_BATCH_SIZE, "torch_threads": 1,
-        "step_ms_in_memory": round(min(memory_s) / num_steps * 1000, 2),
-        "step_ms_with_loader": round(min(loader_s) / num_steps * 1000, 2),
-        "loader_over_in_memory": round(ratio, 4), "goal": 1.05,
-        "rounds_s": {"in_memory": [round(x, 3) for x in memory_s], "loader": [round(x, 3) for x in loader_s]},
-    })
+    benchmark.extra_info.update(
+        {
+            "num_steps": num_steps,
+            "batch_size": STEP_BATCH_SIZE,
+            "torch_threads": 1,
+            "step_ms_in_memory": round(min(memory_s) / num_steps * 1000, 2),
+            "step_ms_with_loader": round(min(loader_s) / num_steps * 1000, 2),
+            "loader_over_in_memory": round(ratio, 4),
+            "goal": 1.05,
+            "rounds_s": {"in_memory": [round(x, 3) for x in memory_s], "loader": [round(x, 3) for x in loader_s]},
+        }
+    )

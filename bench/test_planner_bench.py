@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import random
 
-from autosplit.cut import random_problem, solve_mincut
+from autosplit.planning.cut import random_problem, solve_mincut
 
 BOUND_S = 0.100
 
@@ -25,10 +25,15 @@ def test_mincut_64_units_under_100ms(benchmark):
     problem, stage1 = benchmark.pedantic(solve, rounds=40, iterations=1, warmup_rounds=2)
     assert problem.is_valid(stage1)
     stats = benchmark.stats.stats
-    benchmark.extra_info.update({
-        "num_units": 64, "num_problems": len(problems), "bound_s": BOUND_S,
-        "median_s": stats.median, "max_s": stats.max,
-        "median_over_bound": round(stats.median / BOUND_S, 4),
-        "num_edges": sum(len(p) for p in problem.producers.values()),
-    })
+    benchmark.extra_info.update(
+        {
+            "num_units": 64,
+            "num_problems": len(problems),
+            "bound_s": BOUND_S,
+            "median_s": stats.median,
+            "max_s": stats.max,
+            "median_over_bound": round(stats.median / BOUND_S, 4),
+            "num_edges": sum(len(p) for p in problem.producers.values()),
+        }
+    )
     assert stats.max < BOUND_S, f"min-cut on 64 units took {stats.max * 1000:.1f} ms (bound {BOUND_S * 1000:.0f} ms)"

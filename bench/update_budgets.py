@@ -20,7 +20,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from gate_cases import CASES, GATE_SETS, entry_key  # noqa: E402
 
-from autosplit.gate import make_budget, measure_pipeline, write_budget  # noqa: E402
+from autosplit.planning.budget import make_budget, write_budget  # noqa: E402
+from autosplit.workflow.measure import measure_pipeline  # noqa: E402
 
 PROFILES = HERE.parent / "profiles"
 
@@ -33,8 +34,10 @@ def main(only: list[str]) -> None:
         profile, plan, inputs = measure_pipeline(pipeline, profile=mode, sets=GATE_SETS)
         (PROFILES / f"{key}.json").write_text(json.dumps(profile.to_dict(), indent=1) + "\n")
         write_budget(PROFILES / "budgets.json", key, make_budget(profile, plan, inputs=inputs))
-        print(f"{key}: stage-2 peak {plan.predicted['stage2_peak_bytes']} B, "
-              f"unsplit {plan.predicted['unsplit_peak_bytes']} B")
+        print(
+            f"{key}: stage-2 peak {plan.predicted['stage2_peak_bytes']} B, "
+            f"unsplit {plan.predicted['unsplit_peak_bytes']} B"
+        )
 
 
 if __name__ == "__main__":

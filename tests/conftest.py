@@ -31,15 +31,15 @@ def autosplit_home(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model(autosplit_home) -> Path:
+    from autosplit.adapters.builtin import builtin_model_root
     from autosplit.adapters.qwen_image import QwenImageAdapter
-    from autosplit.builtin import builtin_model_root
 
     return builtin_model_root(QwenImageAdapter())
 
 
 @pytest.fixture(scope="session")
 def tiny_dataset(autosplit_home) -> Path:
-    from autosplit.builtin import builtin_dataset_root
+    from autosplit.adapters.builtin import builtin_dataset_root
 
     return builtin_dataset_root()
 

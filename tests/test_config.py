@@ -82,7 +82,9 @@ def test_loading_twice_gives_equal_independent_configs():
 
 
 def test_toml_nested_tables_set_typed_values(tmp_path):
-    config = load(tmp_path=tmp_path, toml="""
+    config = load(
+        tmp_path=tmp_path,
+        toml="""
 output_path = "/runs/a"
 
 [model]
@@ -101,7 +103,8 @@ split = false
 [lora]
 rank = 4
 target_modules = ["to_q", "to_k"]
-""")
+""",
+    )
     assert config.output_path == "/runs/a"
     assert (config.model.path, config.model.dtype) == ("/models/qwen", "bfloat16")
     assert (config.data.base_path, config.data.max_pixels) == ("/data/pets", 65536)
@@ -113,12 +116,15 @@ target_modules = ["to_q", "to_k"]
     assert config.train.num_epochs == 1  # untouched keys keep their defaults
 
 
-@pytest.mark.parametrize("use_set, use_flag, expected", [
-    (False, False, 0.1),
-    (True, False, 0.2),
-    (False, True, 0.3),
-    (True, True, 0.3),
-])
+@pytest.mark.parametrize(
+    "use_set, use_flag, expected",
+    [
+        (False, False, 0.1),
+        (True, False, 0.2),
+        (False, True, 0.3),
+        (True, True, 0.3),
+    ],
+)
 def test_precedence_toml_then_set_then_flags(tmp_path, use_set, use_flag, expected):
     sets = ["train.learning_rate=0.2"] if use_set else []
     flags = {**DATASET, **({"learning_rate": "0.3"} if use_flag else {})}
@@ -135,10 +141,21 @@ def test_set_value_may_contain_equals_signs():
     assert load(sets=["model.path=/m/a=b"], flags=DATASET).model.path == "/m/a=b"
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("true", True), ("True", True), ("1", True), ("yes", True), ("on", True),
-    ("false", False), ("FALSE", False), ("0", False), ("no", False), ("off", False),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("true", True),
+        ("True", True),
+        ("1", True),
+        ("yes", True),
+        ("on", True),
+        ("false", False),
+        ("FALSE", False),
+        ("0", False),
+        ("no", False),
+        ("off", False),
+    ],
+)
 def test_bool_values_from_strings(text, expected):
     assert load(sets=[f"train.split={text}"], flags=DATASET).train.split is expected
 
@@ -169,28 +186,42 @@ def test_unknown_key_without_a_close_match_lists_the_valid_keys():
     assert "train.learning_rate" in message
 
 
-@pytest.mark.parametrize("item, expected", [
-    ("train.learning_rate=abc", "--set: train.learning_rate='abc': expected float"),
-    ("train.batch_size=2.5", "--set: train.batch_size='2.5': expected int"),
-    ("train.split=maybe", "--set: train.split='maybe': expected true or false"),
-    ("lora.rank=0", "lora.rank=0 must be at least 1"),
-    ("train.mixed_precision=fp8", "train.mixed_precision='fp8' must be no, bf16 or fp16"),
-    ("train.learning_rate=-1", "train.learning_rate=-1.0 must be positive"),
-    ("data.max_pixels=100", "data.max_pixels=100 must be at least 256"),
-    ("model.dtype=float8", "model.dtype='float8' must be auto, float32, bfloat16 or float16"),
-    ("cache.zstd_level=23", "cache.zstd_level=23 must be between -7 and 22"),
-    ("train.seed", "--set 'train.seed': expected key=value"),
-])
+@pytest.mark.parametrize(
+    "item, expected",
+    [
+        ("train.learning_rate=abc", "--set: train.learning_rate='abc': expected float"),
+        ("train.batch_size=2.5", "--set: train.batch_size='2.5': expected int"),
+        ("train.split=maybe", "--set: train.split='maybe': expected true or false"),
+        ("lora.rank=0", "lora.rank=0 must be at least 1"),
+        ("train.mixed_precision=fp8", "train.mixed_precision='fp8' must be no, bf16 or fp16"),
+        ("train.learning_rate=-1", "train.learning_rate=-1.0 must be positive"),
+        ("data.max_pixels=100", "data.max_pixels=100 must be at least 256"),
+        ("model.dtype=float8", "model.dtype='float8' must be auto, float32, bfloat16 or float16"),
+        ("cache.zstd_level=23", "cache.zstd_level=23 must be between -7 and 22"),
+        ("data.missing_caption=skip", "data.missing_caption='skip' must be error or empty"),
+        ("data.buckets=kohya", "data.buckets='kohya' must be none or aspect"),
+        ("data.bucket_step=0", "data.bucket_step=0 must be at least 1 (pixels)"),
+        (
+            "data.bucket_max_aspect=0.5",
+            "data.bucket_max_aspect=0.5 must be at least 1 (the widest width:height ratio, e.g. 4 for 1:4 to 4:1)",
+        ),
+        ("lora.format=a1111", "lora.format='a1111' must be diffusers, kohya or comfyui"),
+        ("train.seed", "--set 'train.seed': expected key=value"),
+    ],
+)
 def test_bad_values_are_config_errors_naming_key_and_value(item, expected):
     assert error_of(sets=[item], flags=DATASET) == expected
 
 
-@pytest.mark.parametrize("toml, expected", [
-    ('[lora]\nrank = "four"\n', "lora.rank='four': expected int"),
-    ("[lora]\nrank = true\n", "lora.rank=True: expected int"),
-    ("[lora]\nrank = 4.0\n", "lora.rank=4.0: expected int"),
-    ("[train]\nsplit = 1\n", "train.split=1: expected bool"),
-])
+@pytest.mark.parametrize(
+    "toml, expected",
+    [
+        ('[lora]\nrank = "four"\n', "lora.rank='four': expected int"),
+        ("[lora]\nrank = true\n", "lora.rank=True: expected int"),
+        ("[lora]\nrank = 4.0\n", "lora.rank=4.0: expected int"),
+        ("[train]\nsplit = 1\n", "train.split=1: expected bool"),
+    ],
+)
 def test_wrong_toml_types_are_config_errors(tmp_path, toml, expected):
     assert error_of(toml=toml, tmp_path=tmp_path, flags=DATASET) == f"{tmp_path / 'run.toml'}: {expected}"
 
@@ -207,8 +238,12 @@ def test_unreadable_toml_is_a_config_error(tmp_path):
 
 
 def test_several_parse_problems_are_reported_in_one_error(tmp_path):
-    message = error_of(toml="[train]\nlearning_rte = 1\n", tmp_path=tmp_path,
-                       sets=["lora.rank=x", "nope"], flags={**DATASET, "seed": "s"})
+    message = error_of(
+        toml="[train]\nlearning_rte = 1\n",
+        tmp_path=tmp_path,
+        sets=["lora.rank=x", "nope"],
+        flags={**DATASET, "seed": "s"},
+    )
     assert message.split("; ") == [
         f"{tmp_path / 'run.toml'}: unknown key 'train.learning_rte'",
         "did you mean 'train.learning_rate'?",
@@ -238,12 +273,35 @@ def test_parse_and_value_problems_are_reported_together():
 
 def test_seed_flag_set_is_frozen():
     # the CLI accepts exactly these seed (DiffSynth-Studio) flags; change this list on purpose
-    assert sorted(SEED_FLAGS) == sorted([
-        "dataset_base_path", "dataset_metadata_path", "dataset_repeat", "dataset_num_workers", "max_pixels",
-        "learning_rate", "num_epochs", "task", "seed", "batch_size", "gradient_accumulation_steps",
-        "max_steps", "mixed_precision", "output_path", "lora_base_model", "lora_target_modules", "lora_rank",
-        "model_paths", "pipeline", "device", "dtype", "cache_path", "profile", "vram_budget", "cache_variants",
-    ])
+    assert sorted(SEED_FLAGS) == sorted(
+        [
+            "dataset_base_path",
+            "dataset_metadata_path",
+            "dataset_repeat",
+            "dataset_num_workers",
+            "max_pixels",
+            "learning_rate",
+            "num_epochs",
+            "task",
+            "seed",
+            "batch_size",
+            "gradient_accumulation_steps",
+            "max_steps",
+            "mixed_precision",
+            "output_path",
+            "lora_base_model",
+            "lora_target_modules",
+            "lora_rank",
+            "model_paths",
+            "pipeline",
+            "device",
+            "dtype",
+            "cache_path",
+            "profile",
+            "vram_budget",
+            "cache_variants",
+        ]
+    )
 
 
 def test_every_seed_flag_maps_to_a_valid_key():
@@ -253,31 +311,101 @@ def test_every_seed_flag_maps_to_a_valid_key():
 
 def test_seed_flags_set_the_right_keys():
     flags = {
-        "dataset_base_path": "/data", "dataset_metadata_path": "/data/meta.jsonl", "dataset_repeat": "3",
-        "dataset_num_workers": "5", "max_pixels": "262144", "learning_rate": "5e-5", "num_epochs": "2",
-        "task": "sft:train", "seed": "11", "batch_size": "4", "gradient_accumulation_steps": "2",
-        "max_steps": "100", "mixed_precision": "bf16", "output_path": "/out", "lora_base_model": "transformer",
-        "lora_target_modules": "to_q,to_v", "lora_rank": "16", "model_paths": "/models/qwen",
-        "pipeline": "qwen_image", "device": "cuda:1", "dtype": "float16", "cache_path": "/cache",
-        "profile": "real", "vram_budget": "48", "cache_variants": "3",
+        "dataset_base_path": "/data",
+        "dataset_metadata_path": "/data/meta.jsonl",
+        "dataset_repeat": "3",
+        "dataset_num_workers": "5",
+        "max_pixels": "262144",
+        "learning_rate": "5e-5",
+        "num_epochs": "2",
+        "task": "sft:train",
+        "seed": "11",
+        "batch_size": "4",
+        "gradient_accumulation_steps": "2",
+        "max_steps": "100",
+        "mixed_precision": "bf16",
+        "output_path": "/out",
+        "lora_base_model": "transformer",
+        "lora_target_modules": "to_q,to_v",
+        "lora_rank": "16",
+        "model_paths": "/models/qwen",
+        "pipeline": "qwen_image",
+        "device": "cuda:1",
+        "dtype": "float16",
+        "cache_path": "/cache",
+        "profile": "real",
+        "vram_budget": "48",
+        "cache_variants": "3",
     }
     c = load(flags=flags)
     assert c.to_dict() == {
         "output_path": "/out",
         "model": {"pipeline": "qwen_image", "path": "/models/qwen", "device": "cuda:1", "dtype": "float16"},
-        "data": {"base_path": "/data", "metadata_path": "/data/meta.jsonl", "max_pixels": 262144, "max_frames": 81,
-                 "repeat": 3, "num_workers": 5, "prefetch": 4, "vae_latents": "mode", "random_flip": 0.0,
-                 "caption_dropout": 0.0, "shuffle_window": 4},
-        "train": {"task": "sft:train", "split": True, "learning_rate": 5e-5, "num_epochs": 2, "batch_size": 4,
-                  "gradient_accumulation_steps": 2, "max_steps": 100, "seed": 11, "gradient_checkpointing": False,
-                  "mixed_precision": "bf16", "checkpoint_every": 0, "checkpoints_kept": 2, "resume": False,
-                  "find_unused_parameters": True, "cudnn_attention": False},
-        "lora": {"base_model": "transformer", "target_modules": "to_q,to_v", "text_encoder_target_modules": "",
-                 "rank": 16, "alpha": 0.0,
-                 "full_finetune": False},
-        "cache": {"path": "/cache", "shard_size": 64, "zstd_level": 1, "batch_size": 1, "reader": "tensorstore",
-                  "variants": 3},
-        "plan": {"profile": "real", "solver": "auto", "vram_budget_gib": 48.0},
+        "data": {
+            "base_path": "/data",
+            "metadata_path": "/data/meta.jsonl",
+            "max_pixels": 262144,
+            "max_frames": 81,
+            "repeat": 3,
+            "num_workers": 5,
+            "prefetch": 4,
+            "vae_latents": "mode",
+            "random_flip": 0.0,
+            "caption_dropout": 0.0,
+            "shuffle_window": 4,
+            "allow_outside_paths": False,
+            "missing_caption": "error",
+            "buckets": "none",
+            "bucket_step": 64,
+            "bucket_max_aspect": 4.0,
+        },
+        "train": {
+            "task": "sft:train",
+            "split": True,
+            "learning_rate": 5e-5,
+            "num_epochs": 2,
+            "batch_size": 4,
+            "gradient_accumulation_steps": 2,
+            "max_steps": 100,
+            "seed": 11,
+            "gradient_checkpointing": False,
+            "mixed_precision": "bf16",
+            "checkpoint_every": 0,
+            "checkpoints_kept": 2,
+            "resume": "no",
+            "find_unused_parameters": True,
+            "cudnn_attention": False,
+            "log_every_s": 30.0,
+            "blocks_to_swap": "auto",
+            "base_precision": "dtype",
+        },
+        "lora": {
+            "base_model": "transformer",
+            "target_modules": "to_q,to_v",
+            "text_encoder_target_modules": "",
+            "rank": 16,
+            "alpha": 0.0,
+            "full_finetune": False,
+            "format": "diffusers",
+            "checkpoint": "",
+        },
+        "cache": {
+            "path": "/cache",
+            "shard_size": 64,
+            "zstd_level": 1,
+            "batch_size": 1,
+            "reader": "tensorstore",
+            "variants": 3,
+            "log_every_s": 30.0,
+        },
+        "plan": {
+            "profile": "real",
+            "solver": "auto",
+            "vram_budget_gib": 48.0,
+            "host_ram_gib": 0.0,
+            "host_to_device_gbps": 0.0,
+            "train_tflops": 0.0,
+        },
     }
 
 
@@ -286,5 +414,5 @@ def test_all_keys_lists_top_level_and_nested_keys():
     assert keys[0] == "output_path"
     assert {"model.path", "data.base_path", "train.learning_rate", "lora.rank", "cache.zstd_level"} <= set(keys)
     assert not {"model", "data", "train", "lora", "cache"} & set(keys)
-    assert len(keys) == len(set(keys)) == 1 + 4 + 11 + 15 + 6 + 6 + 3
+    assert len(keys) == len(set(keys)) == 1 + 4 + 16 + 18 + 8 + 7 + 6
     assert all(re.fullmatch(r"[a-z_]+(\.[a-z_0-9]+)?", k) for k in keys)

@@ -7,7 +7,7 @@ import random
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from autosplit.cut import CutProblem, random_problem, solve_enumerate, solve_mincut
+from autosplit.planning.cut import CutProblem, random_problem, solve_enumerate, solve_mincut
 
 
 @settings(max_examples=200, deadline=None)
@@ -33,8 +33,14 @@ def test_brute_force_over_all_subsets_agrees_with_enumeration():
 
 def test_forced_units_and_their_consumers_stay_in_stage2():
     units = ("a", "b", "c")
-    problem = CutProblem(units, frozenset({"b"}), {"a": frozenset(), "b": frozenset({"a"}), "c": frozenset({"b"})},
-                         {u: (100, 0) for u in units}, {}, {})
+    problem = CutProblem(
+        units,
+        frozenset({"b"}),
+        {"a": frozenset(), "b": frozenset({"a"}), "c": frozenset({"b"})},
+        {u: (100, 0) for u in units},
+        {},
+        {},
+    )
     assert solve_enumerate(problem) == solve_mincut(problem) == frozenset({"a"})
 
 
@@ -42,9 +48,13 @@ def test_a_huge_cheap_output_is_recomputed_in_stage2():
     # b expands a's small output 1000x for free: caching a's output beats caching b's
     units = ("a", "b", "loss")
     problem = CutProblem(
-        units, frozenset({"loss"}), {"a": frozenset(), "b": frozenset({"a"}), "loss": frozenset({"b"})},
-        {"a": (0, 100), "b": (0, 1), "loss": (0, 0)}, {"enc": (10_000, frozenset({"a"}))},
-        {"a.out": ("a", frozenset({"b"}), 2 * 100, 100), "b.out": ("b", frozenset({"loss"}), 2 * 100_000, 100_000)})
+        units,
+        frozenset({"loss"}),
+        {"a": frozenset(), "b": frozenset({"a"}), "loss": frozenset({"b"})},
+        {"a": (0, 100), "b": (0, 1), "loss": (0, 0)},
+        {"enc": (10_000, frozenset({"a"}))},
+        {"a.out": ("a", frozenset({"b"}), 2 * 100, 100), "b.out": ("b", frozenset({"loss"}), 2 * 100_000, 100_000)},
+    )
     assert solve_mincut(problem) == solve_enumerate(problem) == frozenset({"a"})
 
 

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 from autosplit.cli import main
-from autosplit.gate import check_budget, load_budgets, make_budget, measure_pipeline, write_budget
-from autosplit.profiler import Profile
+from autosplit.planning.budget import check_budget, load_budgets, make_budget, write_budget
+from autosplit.planning.profile import Profile
+from autosplit.workflow.measure import measure_pipeline
 
 PROFILES = Path(__file__).resolve().parents[1] / "profiles"
 BUDGETS = PROFILES / "budgets.json"
@@ -36,7 +37,7 @@ def test_gate_passes_on_the_committed_budget(measured, budget):
 
 def test_committed_budgets_match_the_committed_profiles(autosplit_home):
     from autosplit.config import load_config
-    from autosplit.session import open_session
+    from autosplit.workflow.session import open_session
 
     budgets = load_budgets(BUDGETS)
     assert budgets["tolerance"] == {"memory": 0.02, "flops": 0.0}
@@ -47,8 +48,15 @@ def test_committed_budgets_match_the_committed_profiles(autosplit_home):
         assert make_budget(profile, session.plan(profile), inputs=entry["inputs"]) == entry, key
 
 
-@pytest.mark.parametrize("path", [("stage2_peak_bytes",), ("unsplit_peak_bytes",), ("grad_step", "peak_bytes"),
-                                  ("units", "encode_prompt", "peak_bytes")])
+@pytest.mark.parametrize(
+    "path",
+    [
+        ("stage2_peak_bytes",),
+        ("unsplit_peak_bytes",),
+        ("grad_step", "peak_bytes"),
+        ("units", "encode_prompt", "peak_bytes"),
+    ],
+)
 def test_gate_fails_when_a_budget_is_lowered_below_the_measurement(measured, budget, path):
     profile, plan, _ = measured
     *parents, last = path

@@ -109,8 +109,9 @@ def _pipeline(order: list[str]) -> list[Unit]:
 
 
 def test_topological_order_puts_producers_first_and_keeps_declaration_order_for_ties():
-    graph = UnitGraph(_pipeline(["loss", "denoise", "noise", "encode_image", "encode_prompt"]),
-                      sources=("image", "prompt"))
+    graph = UnitGraph(
+        _pipeline(["loss", "denoise", "noise", "encode_image", "encode_prompt"]), sources=("image", "prompt")
+    )
     # depth-first from the first declared unit, inputs visited in declaration order
     assert names(graph) == ["encode_image", "noise", "encode_prompt", "denoise", "loss"]
 
@@ -128,11 +129,14 @@ def test_independent_units_keep_declaration_order():
     assert names(UnitGraph(b, sources=("s",))) == ["pb", "pa", "l"]
 
 
-@pytest.mark.parametrize("order", [
-    ["loss", "denoise", "noise", "encode_image", "encode_prompt"],
-    ["encode_prompt", "loss", "encode_image", "denoise", "noise"],
-    ["denoise", "encode_image", "loss", "encode_prompt", "noise"],
-])
+@pytest.mark.parametrize(
+    "order",
+    [
+        ["loss", "denoise", "noise", "encode_image", "encode_prompt"],
+        ["encode_prompt", "loss", "encode_image", "denoise", "noise"],
+        ["denoise", "encode_image", "loss", "encode_prompt", "noise"],
+    ],
+)
 def test_every_unit_comes_after_the_producers_of_its_inputs_and_order_is_repeatable(order):
     graph = UnitGraph(_pipeline(order), sources=("image", "prompt"))
     position = {name: i for i, name in enumerate(names(graph))}
@@ -149,14 +153,19 @@ def test_every_unit_comes_after_the_producers_of_its_inputs_and_order_is_repeata
 
 @pytest.fixture
 def pipeline() -> UnitGraph:
-    return UnitGraph(_pipeline(["encode_prompt", "encode_image", "noise", "denoise", "loss"]),
-                     sources=("image", "prompt"))
+    return UnitGraph(
+        _pipeline(["encode_prompt", "encode_image", "noise", "denoise", "loss"]), sources=("image", "prompt")
+    )
 
 
 def test_producer_maps_every_output_to_its_unit(pipeline):
     assert pipeline.producer == {
-        "prompt_embeds": "encode_prompt", "latents": "encode_image", "noisy": "noise", "target": "noise",
-        "pred": "denoise", "loss": "loss",
+        "prompt_embeds": "encode_prompt",
+        "latents": "encode_image",
+        "noisy": "noise",
+        "target": "noise",
+        "pred": "denoise",
+        "loss": "loss",
     }
 
 
@@ -171,8 +180,9 @@ def test_consumers_lists_units_reading_a_value_in_execution_order(pipeline):
     assert pipeline.consumers("latents") == ["noise"]
     assert pipeline.consumers("prompt") == ["encode_prompt"]
     assert pipeline.consumers("loss") == []
-    graph = UnitGraph([unit("l", ("a", "b"), ("loss",)), unit("pa", ("s",), ("a",)), unit("pb", ("s",), ("b",))],
-                      sources=("s",))
+    graph = UnitGraph(
+        [unit("l", ("a", "b"), ("loss",)), unit("pa", ("s",), ("a",)), unit("pb", ("s",), ("b",))], sources=("s",)
+    )
     assert graph.consumers("s") == ["pa", "pb"]
 
 
@@ -191,11 +201,14 @@ def test_unit_call_rejects_missing_inputs_naming_them():
         u({"noisy": 1}, ctx())
 
 
-@pytest.mark.parametrize("returned, seen", [
-    ({"wrong": 1}, "['wrong']"),
-    ({"pred": 1, "extra": 2}, "['extra', 'pred']"),
-    ({}, "[]"),
-])
+@pytest.mark.parametrize(
+    "returned, seen",
+    [
+        ({"wrong": 1}, "['wrong']"),
+        ({"pred": 1, "extra": 2}, "['extra', 'pred']"),
+        ({}, "[]"),
+    ],
+)
 def test_unit_call_rejects_wrong_returned_keys(returned, seen):
     u = unit("denoise", ("x",), ("pred",), fn=lambda values, c: dict(returned))
     with pytest.raises(GraphError, match=re.escape(f"unit 'denoise' returned {seen} but declares outputs ['pred']")):
@@ -234,8 +247,13 @@ def test_run_units_on_a_graph_subset_needs_earlier_values():
 
 
 def test_run_units_draws_from_the_context_generator_reproducibly():
-    u = unit("noise", ("x",), ("n",), draws_random=True,
-             fn=lambda v, c: {"n": v["x"] + torch.randn(4, generator=c.generator)})
+    u = unit(
+        "noise",
+        ("x",),
+        ("n",),
+        draws_random=True,
+        fn=lambda v, c: {"n": v["x"] + torch.randn(4, generator=c.generator)},
+    )
 
     def run(seed):
         c = ctx()

@@ -12,9 +12,10 @@ from torch.utils.flop_counter import sdpa_flop_count
 
 from autosplit.config import load_config
 from autosplit.graph import Unit, UnitContext
-from autosplit.profiler import Profile, profile_unit
-from autosplit.profiling import profile_fake, profile_real
-from autosplit.session import open_session
+from autosplit.planning.profile import Profile
+from autosplit.planning.tracer import profile_unit
+from autosplit.workflow.profiling import profile_fake, profile_real
+from autosplit.workflow.session import open_session
 
 CPU = torch.device("cpu")
 
@@ -52,8 +53,7 @@ def test_random_draws_are_classified_by_generator():
 
     def fn(values, ctx):
         seeded = torch.Generator().manual_seed(int(values["seed"]))
-        return {"a": torch.randn(4, generator=ctx.generator), "b": torch.rand(4),
-                "c": torch.randn(4, generator=seeded)}
+        return {"a": torch.randn(4, generator=ctx.generator), "b": torch.rand(4), "c": torch.randn(4, generator=seeded)}
 
     profile, _ = profile_unit(Unit("u", ("seed",), ("a", "b", "c"), fn), {"seed": 3}, ctx(step), set())
     assert profile.random_ops == ("rand.default", "randn.generator")
@@ -87,13 +87,19 @@ def test_fake_profile_matches_real_on_the_tiny_pipeline(tiny_session):
     real, fake = profile_real(tiny_session), profile_fake(tiny_session, full_size=False)
     assert (real.mode, fake.mode) == ("cpu", "fake")
     assert real.components == fake.components
-    for r, f in zip(real.units, fake.units):
+    for r, f in zip(real.units, fake.units, strict=True):
         assert r.name == f.name
         assert r.flops == f.flops, r.name
         assert (r.needs_grad, r.random_ops, r.seeded_random_ops) == (f.needs_grad, f.random_ops, f.seeded_random_ops)
-        for a, b in zip(r.outputs, f.outputs):
-            assert (a.shape, a.dtype, a.bytes, a.needs_grad, a.random, a.depends_on) == \
-                   (b.shape, b.dtype, b.bytes, b.needs_grad, b.random, b.depends_on)
+        for a, b in zip(r.outputs, f.outputs, strict=True):
+            assert (a.shape, a.dtype, a.bytes, a.needs_grad, a.random, a.depends_on) == (
+                b.shape,
+                b.dtype,
+                b.bytes,
+                b.needs_grad,
+                b.random,
+                b.depends_on,
+            )
         assert abs(r.peak_bytes - f.peak_bytes) <= max(0.02 * r.peak_bytes, 8192), r.name
     assert real.grad_step.flops == fake.grad_step.flops > 0
     assert abs(real.grad_step.peak_bytes - fake.grad_step.peak_bytes) <= 0.02 * real.grad_step.peak_bytes
@@ -114,8 +120,13 @@ def test_block_extrapolation_matches_a_full_trace(tiny_model, tiny_dataset, tmp_
     config = json.loads(config_path.read_text())
     config["num_layers"] = 5
     config_path.write_text(json.dumps(config))
-    session = open_session(load_config(toml_path=None, sets=["train.gradient_checkpointing=true", "model.device=cpu"],
-                                       flags={"model_paths": str(deep)}))
+    session = open_session(
+        load_config(
+            toml_path=None,
+            sets=["train.gradient_checkpointing=true", "model.device=cpu"],
+            flags={"model_paths": str(deep)},
+        )
+    )
     traced = profile_fake(session, full_size=False, extrapolate=False)
     estimated = profile_fake(session, full_size=False)
     assert estimated.notes["extrapolated"]["transformer"] == {"config_key": "num_layers", "traced": [1, 2], "to": 5}
@@ -124,5 +135,7 @@ def test_block_extrapolation_matches_a_full_trace(tiny_model, tiny_dataset, tmp_
     assert estimated.component("transformer") == traced.component("transformer")
     # linear in the block count up to the 512-byte rounding of tiny tensors: within 2%, never under
     assert 0 <= estimated.grad_step.peak_bytes - traced.grad_step.peak_bytes <= 0.02 * traced.grad_step.peak_bytes
-    assert abs(estimated.unit("denoise").peak_bytes - traced.unit("denoise").peak_bytes) <= \
-        0.01 * traced.unit("denoise").peak_bytes
+    assert (
+        abs(estimated.unit("denoise").peak_bytes - traced.unit("denoise").peak_bytes)
+        <= 0.01 * traced.unit("denoise").peak_bytes
+    )

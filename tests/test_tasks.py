@@ -10,28 +10,44 @@ import pytest
 import torch
 
 from autosplit.adapters.base import get_adapter
-from autosplit.builtin import builtin_distill_root
-from autosplit.cache import CacheReader
+from autosplit.adapters.builtin import builtin_distill_root
 from autosplit.cli import main
 from autosplit.graph import UnitContext
-from autosplit.planner import make_plan
+from autosplit.planning.planner import make_plan
+from autosplit.storage.cache import CacheReader
 from autosplit.tasks import build_graph, initial_noise, make_rollout, sample_noise
 
 
 def plan_of(task: str):
     adapter = get_adapter("qwen_image")
-    return make_plan(build_graph(adapter, task), pipeline="qwen_image", task=task, trainable=("transformer",),
-                     layouts=adapter.value_layouts())
+    return make_plan(
+        build_graph(adapter, task),
+        pipeline="qwen_image",
+        task=task,
+        trainable=("transformer",),
+        layouts=adapter.value_layouts(),
+    )
 
 
 def test_sft_noise_is_drawn_every_step_and_distill_noise_is_cached():
     sft, distill = plan_of("sft"), plan_of("direct_distill")
     assert "sample_noise" in sft.stage_units(2) and "noise" not in [v.name for v in sft.cached]
-    assert distill.stage_units(1) == ["load_image", "encode_prompt", "encode_image", "initial_noise",
-                                      "distill_settings"]
+    assert distill.stage_units(1) == [
+        "load_image",
+        "encode_prompt",
+        "encode_image",
+        "initial_noise",
+        "distill_settings",
+    ]
     assert distill.stage_units(2) == ["rollout", "distill_loss"]
-    assert {v.name for v in distill.cached} == {"prompt_embeds", "prompt_embeds_mask", "image_latents",
-                                                "initial_noise", "num_steps", "guidance_scale"}
+    assert {v.name for v in distill.cached} == {
+        "prompt_embeds",
+        "prompt_embeds_mask",
+        "image_latents",
+        "initial_noise",
+        "num_steps",
+        "guidance_scale",
+    }
     assert distill.components(2) == ["transformer", "scheduler"]
 
 
@@ -42,9 +58,15 @@ def test_initial_noise_ignores_the_step_generator_and_the_global_rng():
         torch.manual_seed(100 + step_seed)
         ctx = UnitContext({}, torch.device("cpu"), torch.float32, generator=torch.Generator().manual_seed(step_seed))
         outs.append(initial_noise(values, ctx)["initial_noise"])
-        assert not torch.equal(*[sample_noise(values, UnitContext({}, torch.device("cpu"), torch.float32,
-                                                                  generator=torch.Generator().manual_seed(s)))["noise"]
-                                 for s in (0, 1)])
+        assert not torch.equal(
+            *[
+                sample_noise(
+                    values,
+                    UnitContext({}, torch.device("cpu"), torch.float32, generator=torch.Generator().manual_seed(s)),
+                )["noise"]
+                for s in (0, 1)
+            ]
+        )
     assert torch.equal(outs[0], outs[1])
     assert torch.equal(outs[0][1], torch.randn(16, 4, 6, generator=torch.Generator().manual_seed(6)))
 
@@ -72,25 +94,44 @@ def test_rollout_is_the_pipelines_sampler(tiny_model, steps):
     pipe = QwenImagePipeline.from_pretrained(tiny_model)
     pipe.set_progress_bar_config(disable=True)
     pipe.prompt_template_encode_start_idx = template_prefix_len(pipe.tokenizer)
-    ctx = UnitContext({"tokenizer": pipe.tokenizer, "text_encoder": pipe.text_encoder, "transformer": pipe.transformer,
-                       "scheduler": pipe.scheduler}, torch.device("cpu"), torch.float32)
+    ctx = UnitContext(
+        {
+            "tokenizer": pipe.tokenizer,
+            "text_encoder": pipe.text_encoder,
+            "transformer": pipe.transformer,
+            "scheduler": pipe.scheduler,
+        },
+        torch.device("cpu"),
+        torch.float32,
+    )
     values = encode_prompt({"prompt": ["a red circle"]}, ctx)
     values.update(image_latents=torch.zeros(1, 16, 8, 8), seed=[3], rand_device=["cpu"])
     values.update(initial_noise(values, ctx), num_steps=torch.tensor([[steps]]), guidance_scale=torch.ones(1, 1))
     rollout = make_rollout(next(u for u in get_adapter("qwen_image").family_units() if u.name == "denoise"))
     with torch.no_grad():
         ours = rollout(values, ctx)["final_latents"]
-        theirs = pipe("a red circle", height=64, width=64, num_inference_steps=steps, output_type="latent",
-                      generator=torch.Generator().manual_seed(3)).images
+        theirs = pipe(
+            "a red circle",
+            height=64,
+            width=64,
+            num_inference_steps=steps,
+            output_type="latent",
+            generator=torch.Generator().manual_seed(3),
+        ).images
     torch.testing.assert_close(ours, unpack_latents(theirs, 8, 8), rtol=0, atol=1e-5)
     assert np.isfinite(ours.numpy()).all()
 
 
 def dropout_values():
     torch.manual_seed(0)
-    return {"caption.prompt_embeds": torch.randn(4, 5, 3), "caption.prompt_embeds_mask": torch.ones(4, 5),
-            "empty_caption.prompt_embeds": torch.randn(4, 2, 3), "empty_caption.prompt_embeds_mask": torch.ones(4, 2),
-            "sample_id": [0, 1, 2, 3], "variant": [0, 0, 0, 0]}
+    return {
+        "caption.prompt_embeds": torch.randn(4, 5, 3),
+        "caption.prompt_embeds_mask": torch.ones(4, 5),
+        "empty_caption.prompt_embeds": torch.randn(4, 2, 3),
+        "empty_caption.prompt_embeds_mask": torch.ones(4, 2),
+        "sample_id": [0, 1, 2, 3],
+        "variant": [0, 0, 0, 0],
+    }
 
 
 @pytest.mark.parametrize("p", [0.0, 0.5, 1.0])
@@ -98,8 +139,9 @@ def test_caption_dropout_chooses_the_caption_or_the_empty_prompt_per_sample(p):
     from autosplit.tasks import caption_dropout
 
     values = dropout_values()
-    ctx = UnitContext({}, torch.device("cpu"), torch.float32, torch.Generator().manual_seed(1),
-                      settings={"caption_dropout": p})
+    ctx = UnitContext(
+        {}, torch.device("cpu"), torch.float32, torch.Generator().manual_seed(1), settings={"caption_dropout": p}
+    )
     out = caption_dropout(values, ctx)
     assert out["prompt_embeds"].shape == (4, 5, 3) and out["prompt_embeds_mask"].shape == (4, 5)
     full = values["caption.prompt_embeds"]
@@ -119,8 +161,9 @@ def test_caption_dropout_keeps_the_text_encoder_out_of_stage2_and_caches_variant
 
     for variants, stage in ((0, 2), (2, 1)):
         graph = build_graph(adapter, "sft", caption_dropout_p=0.1, variants=variants)
-        plan = make_plan(graph, pipeline="qwen_image", task="sft", trainable=("transformer",),
-                         layouts=graph_layouts(adapter))
+        plan = make_plan(
+            graph, pipeline="qwen_image", task="sft", trainable=("transformer",), layouts=graph_layouts(adapter)
+        )
         placed = {u.name: u.stage for u in plan.units}
         assert placed["encode_prompt"] == placed["encode_empty_prompt"] == 1
         assert placed["caption_dropout"] == stage

@@ -8,12 +8,14 @@ the VAE's `latents_mean`/`latents_std` and packed into 2x2 patches.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from types import MappingProxyType
+from typing import Any
 
 import torch
 
-from autosplit.adapters.base import ValueLayout, config_only
+from autosplit.adapters.base import AdapterBase, LoraNaming, ValueLayout, config_only, note_truncation
 from autosplit.graph import Unit, UnitContext
 
 PROMPT_TEMPLATE = (
@@ -25,18 +27,49 @@ MAX_PROMPT_TOKENS = 1024  # QwenImagePipeline.tokenizer_max_length
 
 #: Qwen2.5-VL-7B-Instruct, the text encoder of Qwen-Image (the DiT and VAE defaults of diffusers'
 #: classes are Qwen-Image's full-size configuration already)
-FULL_SIZE_TEXT_ENCODER = dict(
-    text_config=dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-                     num_attention_heads=28, num_key_value_heads=4, rms_norm_eps=1e-6, max_position_embeddings=128000,
-                     rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
-                     bos_token_id=151643, eos_token_id=151645),
-    vision_config=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
-                       fullatt_block_indexes=[7, 15, 23, 31], window_size=112, patch_size=14, spatial_merge_size=2,
-                       temporal_patch_size=2, in_chans=3, hidden_act="silu"),
-    image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653,
+FULL_SIZE_TEXT_ENCODER: dict[str, Any] = dict(
+    text_config=dict(
+        vocab_size=152064,
+        hidden_size=3584,
+        intermediate_size=18944,
+        num_hidden_layers=28,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        rms_norm_eps=1e-6,
+        max_position_embeddings=128000,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
+        bos_token_id=151643,
+        eos_token_id=151645,
+    ),
+    vision_config=dict(
+        depth=32,
+        hidden_size=1280,
+        intermediate_size=3420,
+        num_heads=16,
+        out_hidden_size=3584,
+        fullatt_block_indexes=[7, 15, 23, 31],
+        window_size=112,
+        patch_size=14,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        in_chans=3,
+        hidden_act="silu",
+    ),
+    image_token_id=151655,
+    video_token_id=151656,
+    vision_start_token_id=151652,
+    vision_end_token_id=151653,
 )
-FULL_SIZE_SCHEDULER = dict(base_image_seq_len=256, base_shift=0.5, max_image_seq_len=8192, max_shift=0.9, shift=1.0,
-                           shift_terminal=0.02, use_dynamic_shifting=True, time_shift_type="exponential")
+FULL_SIZE_SCHEDULER = dict(
+    base_image_seq_len=256,
+    base_shift=0.5,
+    max_image_seq_len=8192,
+    max_shift=0.9,
+    shift=1.0,
+    shift_terminal=0.02,
+    use_dynamic_shifting=True,
+    time_shift_type="exponential",
+)
 
 _TINY_CORPUS = [
     "a photo of a red cube on a blue table",
@@ -45,6 +78,46 @@ _TINY_CORPUS = [
     "relationships of the objects and background",
     "stripes, checkerboard, gradient, circles, noise, sunset, ocean, forest, city at night",
 ]
+
+
+#: kohya (musubi-tuner) and ComfyUI key Qwen-Image LoRAs by diffusers' module names: kohya as
+#: `lora_unet_transformer_blocks_0_attn_to_q.lora_down.weight`, ComfyUI as
+#: `diffusion_model.transformer_blocks.0.attn.to_q.lora_A.weight`
+LORA_PREFIXES = {"kohya": "lora_unet_", "comfyui": "diffusion_model."}
+#: the words of QwenImageTransformer2DModel's Linear module names that hold an underscore
+LORA_WORDS = frozenset(
+    {
+        "transformer_blocks",
+        "to_q",
+        "to_k",
+        "to_v",
+        "to_out",
+        "add_q_proj",
+        "add_k_proj",
+        "add_v_proj",
+        "to_add_out",
+        "img_mlp",
+        "txt_mlp",
+        "img_mod",
+        "txt_mod",
+        "img_in",
+        "txt_in",
+        "proj_out",
+        "norm_out",
+        "time_text_embed",
+        "timestep_embedder",
+        "linear_1",
+        "linear_2",
+    }
+)
+
+
+def _same_name(component: str, path: str) -> tuple[str, int]:
+    return path, 0
+
+
+def _same_names(component: str, path: str) -> tuple[str, ...]:
+    return (path,)
 
 
 def template_prefix_len(tokenizer: Any) -> int:
@@ -58,6 +131,7 @@ def encode_prompt(values: Mapping[str, Any], ctx: UnitContext) -> dict[str, Any]
     drop = template_prefix_len(tokenizer)
     texts = [PROMPT_TEMPLATE.format(p) for p in values["prompt"]]
     # token lists, not tensors: lengths stay Python ints, so fake-tensor profiling traces this too
+    note_truncation(tokenizer, texts, max_length=MAX_PROMPT_TOKENS + drop, label="tokenizer", template_tokens=drop)
     tokens = tokenizer(texts, max_length=MAX_PROMPT_TOKENS + drop, truncation=True)
     lengths = [len(ids) for ids in tokens.input_ids]
     width = max(lengths)
@@ -120,7 +194,7 @@ def denoise(values: Mapping[str, Any], ctx: UnitContext) -> dict[str, Any]:
     return {"model_pred": unpack_latents(pred, h, w)}
 
 
-class QwenImageAdapter:
+class QwenImageAdapter(AdapterBase):
     """The Qwen-Image family (`QwenImagePipeline` folders)."""
 
     encode_image_dist = staticmethod(encode_image_dist)
@@ -129,31 +203,75 @@ class QwenImageAdapter:
     pipeline_class = "QwenImagePipeline"
     base_model_aliases = {"dit": "transformer", "transformer": "transformer"}
     image_multiple = 16  # VAE /8, then 2x2 patches
+    patch_size = 2  # 2x2 latent patches per token
     default_lora_targets = (
-        "to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj", "to_out.0", "to_add_out",
-        "img_mlp.net.2", "img_mod.1", "txt_mlp.net.2", "txt_mod.1",
+        "to_q",
+        "to_k",
+        "to_v",
+        "add_q_proj",
+        "add_k_proj",
+        "add_v_proj",
+        "to_out.0",
+        "to_add_out",
+        "img_mlp.net.2",
+        "img_mod.1",
+        "txt_mlp.net.2",
+        "txt_mod.1",
     )
     tasks = ("sft", "direct_distill")
     media = "image"
 
     def family_units(self) -> list[Unit]:
         return [
-            Unit("encode_prompt", ("prompt",), ("prompt_embeds", "prompt_embeds_mask"), encode_prompt,
-                 components=("tokenizer", "text_encoder"),
-                 doc="chat template -> Qwen2.5-VL last hidden state, template prefix dropped"),
-            Unit("encode_image", ("image",), ("image_latents",), encode_image, components=("vae",),
-                 doc="VAE posterior mode, normalized with latents_mean/std"),
-            Unit("denoise", ("noisy_latents", "timestep", "prompt_embeds", "prompt_embeds_mask"),
-                 ("model_pred",), denoise, components=("transformer",),
-                 doc="transformer velocity prediction on 2x2-packed latents"),
+            Unit(
+                "encode_prompt",
+                ("prompt",),
+                ("prompt_embeds", "prompt_embeds_mask"),
+                encode_prompt,
+                components=("tokenizer", "text_encoder"),
+                doc="chat template -> Qwen2.5-VL last hidden state, template prefix dropped",
+            ),
+            Unit(
+                "encode_image",
+                ("image",),
+                ("image_latents",),
+                encode_image,
+                components=("vae",),
+                doc="VAE posterior mode, normalized with latents_mean/std",
+            ),
+            Unit(
+                "denoise",
+                ("noisy_latents", "timestep", "prompt_embeds", "prompt_embeds_mask"),
+                ("model_pred",),
+                denoise,
+                components=("transformer",),
+                doc="transformer velocity prediction on 2x2-packed latents",
+            ),
         ]
 
     def value_layouts(self) -> dict[str, ValueLayout]:
         text = ValueLayout(ragged_axis=0, max_len=MAX_PROMPT_TOKENS)
         return {"prompt_embeds": text, "prompt_embeds_mask": text}
 
+    def lora_naming(self, fmt: str, *, denoiser_config: Mapping[str, Any] | None = None) -> LoraNaming:
+        """kohya (musubi-tuner) and comfyui: diffusers' module names of the transformer, flattened
+        with `_` for kohya; the text encoder's LoRA is a PEFT folder, in no format's file."""
+        if fmt not in LORA_PREFIXES:
+            return super().lora_naming(fmt)
+        return LoraNaming(
+            style=fmt,
+            prefixes={"transformer": LORA_PREFIXES[fmt]},
+            to_native=_same_name,
+            to_diffusers=_same_names,
+            words=LORA_WORDS,
+        )
+
     def load_component(self, root: Path, name: str, *, device: torch.device, dtype: torch.dtype) -> Any:
-        from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
+        from diffusers import (
+            AutoencoderKLQwenImage,
+            FlowMatchEulerDiscreteScheduler,
+            QwenImageTransformer2DModel,
+        )
         from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
         if name == "tokenizer":
@@ -170,9 +288,12 @@ class QwenImageAdapter:
 
     #: blocks that repeat, by component: config key of their count (for profiling by extrapolation)
     repeated_blocks = {"transformer": "num_layers"}
+    #: the repeated blocks' ModuleLists, in execution order (block swapping)
+    block_lists = MappingProxyType({"transformer": ("transformer_blocks",)})
 
-    def component_from_config(self, root: Path | None, name: str, *,
-                              overrides: Mapping[str, Any] | None = None) -> torch.nn.Module:
+    def component_from_config(
+        self, root: Path | None, name: str, *, overrides: Mapping[str, Any] | None = None
+    ) -> torch.nn.Module:
         """Build a component from its config alone (random init, default dtype and device).
 
         `root` None means the full-size Qwen-Image configuration. Call it inside
@@ -194,8 +315,12 @@ class QwenImageAdapter:
         Real classes, real configs shrunk to ~1 M parameters, a byte-level BPE tokenizer trained on
         the spot: nothing is downloaded. The same seed writes the same weights.
         """
-        from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline
-        from diffusers import QwenImageTransformer2DModel
+        from diffusers import (
+            AutoencoderKLQwenImage,
+            FlowMatchEulerDiscreteScheduler,
+            QwenImagePipeline,
+            QwenImageTransformer2DModel,
+        )
         from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
         tokenizer = _tiny_tokenizer()
@@ -203,15 +328,30 @@ class QwenImageAdapter:
         pad, eos = tokenizer.convert_tokens_to_ids("<|endoftext|>"), tokenizer.convert_tokens_to_ids("<|im_end|>")
         config = Qwen2_5_VLConfig(
             text_config=dict(
-                vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048,
+                vocab_size=vocab,
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                num_key_value_heads=1,
+                max_position_embeddings=2048,
                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 2, 4]},
-                bos_token_id=pad, eos_token_id=eos, pad_token_id=pad,
+                bos_token_id=pad,
+                eos_token_id=eos,
+                pad_token_id=pad,
             ),
-            vision_config=dict(depth=1, hidden_size=32, intermediate_size=32, num_heads=2, out_hidden_size=32,
-                               fullatt_block_indexes=[0]),
-            image_token_id=vocab - 1, video_token_id=vocab - 1,
-            vision_start_token_id=vocab - 1, vision_end_token_id=vocab - 1,
+            vision_config=dict(
+                depth=1,
+                hidden_size=32,
+                intermediate_size=32,
+                num_heads=2,
+                out_hidden_size=32,
+                fullatt_block_indexes=[0],
+            ),
+            image_token_id=vocab - 1,
+            video_token_id=vocab - 1,
+            vision_start_token_id=vocab - 1,
+            vision_end_token_id=vocab - 1,
         )
         torch.manual_seed(seed)
         pipe = QwenImagePipeline(
@@ -220,23 +360,34 @@ class QwenImageAdapter:
             text_encoder=Qwen2_5_VLForConditionalGeneration(config),
             tokenizer=tokenizer,
             transformer=QwenImageTransformer2DModel(
-                patch_size=2, in_channels=64, out_channels=16, num_layers=2, attention_head_dim=16,
-                num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=(4, 6, 6),
+                patch_size=2,
+                in_channels=64,
+                out_channels=16,
+                num_layers=2,
+                attention_head_dim=16,
+                num_attention_heads=2,
+                joint_attention_dim=32,
+                axes_dims_rope=(4, 6, 6),
             ),
         )
-        pipe.save_pretrained(root)
+        pipe.save_pretrained(root)  # type: ignore[attr-defined]  # (a DiffusionPipeline method)
 
 
 def _tiny_tokenizer() -> Any:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import Qwen2TokenizerFast
+    from transformers import Qwen2TokenizerFast  # type: ignore[attr-defined]  # (a lazy export)
 
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=specials, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=specials,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     bpe.train_from_iterator(_TINY_CORPUS * 4, trainer)
-    return Qwen2TokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                              unk_token=None, bos_token=None)
+    return Qwen2TokenizerFast(
+        tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token=None, bos_token=None
+    )

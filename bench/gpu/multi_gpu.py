@@ -27,10 +27,10 @@ from pathlib import Path
 
 #: name: (text-encoder layers, DiT layers, samples, image side, shard size, stage-2 steps)
 SIZES = {
-    "tiny": (None, None, 24, 64, 2, 4),      # the built-in tiny pipeline
-    "width": (1, 1, 4, 256, 2, 2),           # full-width configs, one layer each: checks mid/full on CPU
-    "mid": (14, 20, 384, 1024, 16, 20),      # ~4.3 B text encoder, ~7 B DiT, full-size VAE
-    "full": (28, 60, 256, 1024, 16, 10),     # Qwen-Image's full size (7 B + 20 B)
+    "tiny": (None, None, 24, 64, 2, 4),  # the built-in tiny pipeline
+    "width": (1, 1, 4, 256, 2, 2),  # full-width configs, one layer each: checks mid/full on CPU
+    "mid": (14, 20, 384, 1024, 16, 20),  # ~4.3 B text encoder, ~7 B DiT, full-size VAE
+    "full": (28, 60, 256, 1024, 16, 10),  # Qwen-Image's full size (7 B + 20 B)
 }
 
 
@@ -62,8 +62,12 @@ def make_model(root: Path, size: str, *, cpu: bool) -> None:
     if text_layers is None:
         QwenImageAdapter().write_tiny(root, seed=0)
         return
-    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline
-    from diffusers import QwenImageTransformer2DModel
+    from diffusers import (
+        AutoencoderKLQwenImage,
+        FlowMatchEulerDiscreteScheduler,
+        QwenImagePipeline,
+        QwenImageTransformer2DModel,
+    )
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     from autosplit.adapters.qwen_image import FULL_SIZE_SCHEDULER, FULL_SIZE_TEXT_ENCODER, _tiny_tokenizer
@@ -74,9 +78,12 @@ def make_model(root: Path, size: str, *, cpu: bool) -> None:
     torch.set_default_dtype(torch.bfloat16)
     with torch.device("cpu" if cpu else "cuda"):  # random init on the GPU: seconds, not minutes
         pipe = QwenImagePipeline(
-            scheduler=FlowMatchEulerDiscreteScheduler(**FULL_SIZE_SCHEDULER), vae=AutoencoderKLQwenImage(),
+            scheduler=FlowMatchEulerDiscreteScheduler(**FULL_SIZE_SCHEDULER),
+            vae=AutoencoderKLQwenImage(),
             text_encoder=Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**config)),
-            tokenizer=_tiny_tokenizer(), transformer=QwenImageTransformer2DModel(num_layers=dit_layers))
+            tokenizer=_tiny_tokenizer(),
+            transformer=QwenImageTransformer2DModel(num_layers=dit_layers),
+        )
     pipe.save_pretrained(root)
 
 
@@ -135,11 +142,20 @@ class Runner:
         tick = time.monotonic()
         log = self.args.out / f"{phase}.log"
         try:
-            proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                  env={**os.environ, **(env or {})}, timeout=max(left - 5, 10))
+            proc = subprocess.run(
+                cmd,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                env={**os.environ, **(env or {})},
+                timeout=max(left - 5, 10),
+            )
             output, status = proc.stdout, "ok" if proc.returncode == 0 else f"exit {proc.returncode}"
         except subprocess.TimeoutExpired as exc:
-            output, status = (exc.stdout or b"").decode() if isinstance(exc.stdout, bytes) else exc.stdout or "", "timeout"
+            output, status = (
+                (exc.stdout or b"").decode() if isinstance(exc.stdout, bytes) else exc.stdout or "",
+                "timeout",
+            )
         wall = time.monotonic() - tick
         log.write_text(output)
         print(f"[{phase}] {status} in {wall:.1f} s ({self.left_s():.0f} s of budget left)", flush=True)
@@ -161,9 +177,14 @@ def stage1_summary(ranks: list[dict], wall_s: float) -> dict:
     steady = sum(r["samples"] - r["first_shard_samples"] for r in ranks)
     slowest = max(r["seconds"] for r in ranks)
     slowest_steady = max(r["seconds"] - r["first_shard_seconds"] for r in ranks)
-    return {"ranks": ranks, "samples": samples, "samples_per_s": samples / slowest,
-            "steady_samples_per_s": steady / slowest_steady if slowest_steady > 0 else None,
-            "command_wall_s": wall_s, "end_to_end_samples_per_s": samples / wall_s}
+    return {
+        "ranks": ranks,
+        "samples": samples,
+        "samples_per_s": samples / slowest,
+        "steady_samples_per_s": steady / slowest_steady if slowest_steady > 0 else None,
+        "command_wall_s": wall_s,
+        "end_to_end_samples_per_s": samples / wall_s,
+    }
 
 
 def caches_identical(a: Path, b: Path) -> bool:
@@ -189,8 +210,13 @@ def main(argv: list[str] | None = None) -> int:
     num_samples, side = args.num_samples or num_samples, args.image_size or side
     steps = args.stage2_steps or steps
     r = Runner(args)
-    r.results.update(num_samples=num_samples, image_size=side, shard_size=shard_size, stage2_steps=steps,
-                     cache_batch_size=args.cache_batch_size)
+    r.results.update(
+        num_samples=num_samples,
+        image_size=side,
+        shard_size=shard_size,
+        stage2_steps=steps,
+        cache_batch_size=args.cache_batch_size,
+    )
     if not args.cpu:
         import torch
 
@@ -199,25 +225,57 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"needs 2 GPUs, found {torch.cuda.device_count()}; use --cpu to check the script")
     shutil.rmtree(args.work, ignore_errors=True)
     model, data = args.work / "model", args.work / "data"
-    env = {"TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1",
-           **({"CUDA_VISIBLE_DEVICES": ""} if args.cpu else {})}
+    env = {
+        "TQDM_DISABLE": "1",
+        "PYTHONUNBUFFERED": "1",
+        "HF_HUB_OFFLINE": "1",
+        **({"CUDA_VISIBLE_DEVICES": ""} if args.cpu else {}),
+    }
     me = [sys.executable, str(Path(__file__).resolve()), "--size", args.size, *(["--cpu"] if args.cpu else [])]
     if r.run("make_model", [*me, "--make-model", str(model)], need_s=30, env=env) is None:
         return 1
     tick = time.monotonic()
     make_dataset(data, num_samples=num_samples, side=side)
     r.results["phases"]["make_dataset"] = {"status": "ok", "wall_s": round(time.monotonic() - tick, 2)}
-    common = ["--model_paths", str(model), "--dataset_base_path", str(data), "--max_pixels", str(side * side),
-              "--set", f"cache.shard_size={shard_size}", "--set", f"cache.batch_size={args.cache_batch_size}",
-              *(["--device", "cpu"] if args.cpu else [])]
+    common = [
+        "--model_paths",
+        str(model),
+        "--dataset_base_path",
+        str(data),
+        "--max_pixels",
+        str(side * side),
+        "--set",
+        f"cache.shard_size={shard_size}",
+        "--set",
+        f"cache.batch_size={args.cache_batch_size}",
+        *(["--device", "cpu"] if args.cpu else []),
+    ]
     one = [sys.executable, "-m", "autosplit"]
-    two = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "autosplit"]
+    two = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "autosplit",
+    ]
     caches = {n: args.work / f"cache{n}" for n in (1, 2)}
     for n, launch in ((1, one), (2, two)):
         phase = f"stage1_{n}proc"
-        out = r.run(phase, [*launch, "run", "--task", "sft:data_process", "--output_path", str(caches[n]), *common],
-                    need_s=60, env=env)
+        out = r.run(
+            phase,
+            [*launch, "run", "--task", "sft:data_process", "--output_path", str(caches[n]), *common],
+            need_s=60,
+            env=env,
+        )
         if out is not None:
             r.results[phase] = stage1_summary(stats(out, "stage 1"), r.results["phases"][phase]["wall_s"])
             r.save()
@@ -226,15 +284,31 @@ def main(argv: list[str] | None = None) -> int:
         r.results["stage1_speedup_2_over_1"] = s2["samples_per_s"] / s1["samples_per_s"]
         if s1["steady_samples_per_s"] and s2["steady_samples_per_s"]:
             r.results["stage1_steady_speedup_2_over_1"] = s2["steady_samples_per_s"] / s1["steady_samples_per_s"]
-        r.results["stage1_end_to_end_speedup_2_over_1"] = s2["end_to_end_samples_per_s"] / s1["end_to_end_samples_per_s"]
+        r.results["stage1_end_to_end_speedup_2_over_1"] = (
+            s2["end_to_end_samples_per_s"] / s1["end_to_end_samples_per_s"]
+        )
         r.results["caches_identical"] = caches_identical(caches[1], caches[2])
         r.save()
     cache = caches[2] if s2 else caches[1]
-    train = ["run", "--task", "sft:train", "--dataset_base_path", str(cache), "--model_paths", str(model),
-             "--max_steps", str(steps),
-             "--max_pixels", str(side * side),
-             "--num_epochs", "1000", "--lora_rank", "32", "--use_gradient_checkpointing",
-             *(["--device", "cpu"] if args.cpu else [])]
+    train = [
+        "run",
+        "--task",
+        "sft:train",
+        "--dataset_base_path",
+        str(cache),
+        "--model_paths",
+        str(model),
+        "--max_steps",
+        str(steps),
+        "--max_pixels",
+        str(side * side),
+        "--num_epochs",
+        "1000",
+        "--lora_rank",
+        "32",
+        "--use_gradient_checkpointing",
+        *(["--device", "cpu"] if args.cpu else []),
+    ]
     for n, launch in ((2, two), (1, one)):
         phase = f"stage2_{n}proc"
         out = r.run(phase, [*launch, *train, "--output_path", str(args.work / f"train{n}")], need_s=45, env=env)

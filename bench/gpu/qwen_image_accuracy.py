@@ -12,7 +12,7 @@ It also writes the real-CUDA profile of every unit. Results go to $OUT (or --out
 accuracy.json, fake_profile.json, cuda_profile.json, plan.json.
 
 With --fused, image encoding draws a fresh posterior sample in the same unit (VAE encode +
-sample, as one function), which the planner splits inside (autosplit.fission): it measures stage 2
+sample, as one function), which the planner splits inside (autosplit.planning.fission): it measures stage 2
 of that split plan (VAE freed, the sampling replayed) and stage 2 with the unit kept whole (VAE
 resident, as an unsplit placement of it would need), each against its prediction. Results go to
 fused_accuracy.json.
@@ -36,23 +36,24 @@ from typing import Any
 
 import torch
 
+from autosplit.adapters.components import load_components
+from autosplit.adapters.qwen_image import encode_image_dist
 from autosplit.config import load_config
 from autosplit.graph import Unit, UnitContext, UnitGraph, run_units
-from autosplit.models import load_components
-from autosplit.planner import make_plan
-from autosplit.profiler import default_dtype, profile_graph
-from autosplit.adapters.qwen_image import encode_image_dist
-from autosplit.profiling import profile_batch, profile_fake, prompt_with_tokens
-from autosplit.session import Session, open_session
+from autosplit.planning.planner import make_plan
+from autosplit.planning.stages import stage_units
+from autosplit.planning.tracer import default_dtype, profile_graph
 from autosplit.tasks import sample_latents
-from autosplit.trainer import make_trainable, step_generator
+from autosplit.training.lora import make_trainable
+from autosplit.training.rng import step_generator
+from autosplit.workflow.profiling import profile_batch, profile_fake, prompt_with_tokens
+from autosplit.workflow.session import Session, open_session
 
 GIB = 1 << 30
 
 
 def session_for(device: str, tiny: bool) -> Session:
-    sets = ["model.dtype=bfloat16", "train.gradient_checkpointing=true", f"model.device={device}",
-            "plan.profile=none"]
+    sets = ["model.dtype=bfloat16", "train.gradient_checkpointing=true", f"model.device={device}", "plan.profile=none"]
     return open_session(load_config(toml_path=None, sets=sets, flags={}))
 
 
@@ -62,24 +63,34 @@ def fused_session(session: Session) -> Session:
     def encode_and_sample(values: dict[str, Any], ctx: UnitContext) -> dict[str, Any]:
         return sample_latents(encode_image_dist(values, ctx), ctx)
 
-    units = [Unit(u.name, u.inputs, u.outputs, encode_and_sample, u.components) if u.name == "encode_image" else u
-             for u in session.graph]
+    units = [
+        Unit(u.name, u.inputs, u.outputs, encode_and_sample, u.components) if u.name == "encode_image" else u
+        for u in session.graph
+    ]
     return dataclasses.replace(session, graph=UnitGraph(units, sources=session.graph.sources))
 
 
 def build_models(session: Session, root: Path | None, device: torch.device) -> dict[str, Any]:
     """Random-init components on the device, in bf16, from configs (full size when root is None)."""
     adapter = session.adapter
-    components = load_components(adapter, session.model_root, ["tokenizer", "scheduler"], device=device,
-                                 dtype=session.dtype)
+    components = load_components(
+        adapter, session.model_root, ["tokenizer", "scheduler"], device=device, dtype=session.dtype
+    )
     with torch.device(device), default_dtype(torch.bfloat16):
         for name in ("text_encoder", "vae", "transformer"):
             components[name] = adapter.component_from_config(root, name).requires_grad_(False).eval()
     return components
 
 
-def peak_of_steps(units: list, batch: dict[str, Any], ctx: UnitContext, optimizer: torch.optim.Optimizer,
-                  stage1: list, device: torch.device, steps: int) -> dict[str, float]:
+def peak_of_steps(
+    units: list,
+    batch: dict[str, Any],
+    ctx: UnitContext,
+    optimizer: torch.optim.Optimizer,
+    stage1: list,
+    device: torch.device,
+    steps: int,
+) -> dict[str, float]:
     """Run `steps` training steps after one warm-up step; peak allocated/reserved bytes and seconds."""
     cuda = device.type == "cuda"
 
@@ -107,8 +118,11 @@ def peak_of_steps(units: list, batch: dict[str, Any], ctx: UnitContext, optimize
     if not cuda:
         return {"seconds_per_step": seconds}
     stats = torch.cuda.memory_stats(device)
-    return {"allocated_peak_bytes": torch.cuda.max_memory_allocated(device),
-            "reserved_peak_bytes": stats["reserved_bytes.all.peak"], "seconds_per_step": seconds}
+    return {
+        "allocated_peak_bytes": torch.cuda.max_memory_allocated(device),
+        "reserved_peak_bytes": stats["reserved_bytes.all.peak"],
+        "seconds_per_step": seconds,
+    }
 
 
 def main() -> None:
@@ -133,8 +147,15 @@ def main() -> None:
     start = time.perf_counter()
     fake = profile_fake(session, full_size=not args.tiny, image_size=size, prompt_tokens=args.tokens)
     fake_seconds = time.perf_counter() - start
-    plan = make_plan(session.graph, pipeline="qwen_image", task="sft", trainable=session.trainable,
-                     layouts=session.adapter.value_layouts(), profile=fake, settings=session.config.to_dict())
+    plan = make_plan(
+        session.graph,
+        pipeline="qwen_image",
+        task="sft",
+        trainable=session.trainable,
+        layouts=session.adapter.value_layouts(),
+        profile=fake,
+        settings=session.config.to_dict(),
+    )
     (args.out / "fake_profile.json").write_text(json.dumps(fake.to_dict(), indent=1))
     (args.out / "plan.json").write_text(plan.to_json())
     print("predicted", {k: v / GIB for k, v in plan.predicted.items() if k.endswith("bytes")}, flush=True)
@@ -142,7 +163,15 @@ def main() -> None:
     # 2. the same models on the device
     start = time.perf_counter()
     components = build_models(session, root, device)
-    params = make_trainable(session, components["transformer"], "transformer")
+    params = make_trainable(
+        components["transformer"],
+        "transformer",
+        lora=session.config.lora,
+        adapter=session.adapter,
+        denoiser=True,
+        seed=0,
+        gradient_checkpointing=session.config.train.gradient_checkpointing,
+    )
     build_seconds = time.perf_counter() - start
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     ctx = UnitContext(components, device, torch.bfloat16, generator=step_generator(0, 0), settings=session.settings)
@@ -178,9 +207,14 @@ def main() -> None:
     predicted = plan.predicted
     result = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
-        "torch": torch.__version__, "tiny": args.tiny, "image": size, "prompt_tokens": args.tokens,
-        "fake_profile_seconds": fake_seconds, "build_seconds": build_seconds,
-        "predicted": predicted, "measured": {"unsplit": unsplit, "stage2": split},
+        "torch": torch.__version__,
+        "tiny": args.tiny,
+        "image": size,
+        "prompt_tokens": args.tokens,
+        "fake_profile_seconds": fake_seconds,
+        "build_seconds": build_seconds,
+        "predicted": predicted,
+        "measured": {"unsplit": unsplit, "stage2": split},
     }
     if device.type == "cuda":
         result["ratio_predicted_over_measured"] = {
@@ -200,20 +234,38 @@ def fused_main(args: argparse.Namespace) -> None:
     root = session.model_root if args.tiny else None
     size = (args.image, args.image)
     fake = profile_fake(session, full_size=not args.tiny, image_size=size, prompt_tokens=args.tokens)
-    plans = {split: make_plan(session.graph, pipeline="qwen_image", task="sft", trainable=session.trainable,
-                              layouts=session.adapter.value_layouts(), profile=fake, split=split)
-             for split in (True, False)}  # split=False keeps the unit whole (its unsplit placement)
+    plans = {
+        split: make_plan(
+            session.graph,
+            pipeline="qwen_image",
+            task="sft",
+            trainable=session.trainable,
+            layouts=session.adapter.value_layouts(),
+            profile=fake,
+            split=split,
+        )
+        for split in (True, False)
+    }  # split=False keeps the unit whole (its unsplit placement)
     (args.out / "fused_plan.json").write_text(plans[True].to_json())
     components = build_models(session, root, device)
-    params = make_trainable(session, components["transformer"], "transformer")
+    params = make_trainable(
+        components["transformer"],
+        "transformer",
+        lora=session.config.lora,
+        adapter=session.adapter,
+        denoiser=True,
+        seed=0,
+        gradient_checkpointing=session.config.train.gradient_checkpointing,
+    )
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     ctx = UnitContext(components, device, torch.bfloat16, generator=step_generator(0, 0), settings=session.settings)
-    sources = profile_batch(session, image_size=size, prompt=prompt_with_tokens(components["tokenizer"], args.tokens),
-                            workdir=args.out)
+    sources = profile_batch(
+        session, image_size=size, prompt=prompt_with_tokens(components["tokenizer"], args.tokens), workdir=args.out
+    )
     batches = {}
     for split in (False, True):  # stage 1 of both plans while every component is there
         with torch.no_grad():
-            values = run_units(plans[split].runnable_units(session.graph, 1), sources, ctx)
+            values = run_units(stage_units(plans[split], session.graph, 1), sources, ctx)
         batches[split] = {**sources, **{v.name: values[v.name] for v in plans[split].cached if v.name in values}}
         del values
     measured = {}
@@ -223,24 +275,32 @@ def fused_main(args: argparse.Namespace) -> None:
         if device.type == "cuda":
             torch.cuda.empty_cache()
         step_ctx = dataclasses.replace(ctx, components=components)
-        measured[name] = peak_of_steps(plans[split].runnable_units(session.graph, 2), batches.pop(split), step_ctx,
-                                       optimizer, [], device, args.steps)
+        measured[name] = peak_of_steps(
+            stage_units(plans[split], session.graph, 2), batches.pop(split), step_ctx, optimizer, [], device, args.steps
+        )
         print(name, measured[name], flush=True)
         del step_ctx
     unit = next(u for u in plans[True].units if u.name == "encode_image")
     result = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
-        "torch": torch.__version__, "tiny": args.tiny, "image": size, "prompt_tokens": args.tokens,
+        "torch": torch.__version__,
+        "tiny": args.tiny,
+        "image": size,
+        "prompt_tokens": args.tokens,
         "split_unit": {"stage": unit.stage, "replays": unit.replays, "reason": unit.reason},
-        "predicted_stage2_bytes": {"split": plans[True].predicted["stage2_peak_bytes"],
-                                   "whole": plans[False].predicted["stage2_peak_bytes"]},
+        "predicted_stage2_bytes": {
+            "split": plans[True].predicted["stage2_peak_bytes"],
+            "whole": plans[False].predicted["stage2_peak_bytes"],
+        },
         "measured": measured,
     }
     if device.type == "cuda":
         result["ratio_predicted_over_measured"] = {
-            k: result["predicted_stage2_bytes"][k] / measured[k]["allocated_peak_bytes"] for k in measured}
-        result["measured_split_over_whole"] = (measured["split"]["allocated_peak_bytes"]
-                                               / measured["whole"]["allocated_peak_bytes"])
+            k: result["predicted_stage2_bytes"][k] / measured[k]["allocated_peak_bytes"] for k in measured
+        }
+        result["measured_split_over_whole"] = (
+            measured["split"]["allocated_peak_bytes"] / measured["whole"]["allocated_peak_bytes"]
+        )
     (args.out / "fused_accuracy.json").write_text(json.dumps(result, indent=1))
     print(json.dumps({k: v for k, v in result.items() if k not in ("measured",)}, indent=1))
 

@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 
 from autosplit.cli import build_parser, config_from_args
-from autosplit.report import plan_table
-from autosplit.session import open_session
+from autosplit.planning.report import plan_table
+from autosplit.workflow.session import open_session
 
 DOC = Path(__file__).resolve().parents[1] / "families.md"
 #: tiny-pipeline blocks (flags without --fake)
@@ -37,14 +37,15 @@ def args_fake(flags: str) -> bool:
 def table_for(flags: str) -> str:
     """The plan table of `autosplit plan <flags>`, profiled fake (full size when --fake is given)."""
     from autosplit.cli import _profile
-    from autosplit.planner import replace_predicted
-    from autosplit.report import with_budget
+    from autosplit.planning.planner import replace_predicted
+    from autosplit.planning.report import with_budget
+    from autosplit.workflow.profiling import plan_run
 
     args = build_parser().parse_args(["plan", *flags.split(), *([] if args_fake(flags) else TINY)])
     config = config_from_args(args)
     session = open_session(config)
     if not args.fake:
-        return plan_table(session.plan()) + "\n"
+        return plan_table(plan_run(session)) + "\n"
     plan = session.plan(_profile(args, session))  # as plan_command does
     return plan_table(replace_predicted(plan, with_budget(plan.predicted, config.plan.vram_budget_gib))) + "\n"
 

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 from autosplit.adapters.base import get_adapter
-from autosplit.builtin import builtin_model_root
+from autosplit.adapters.builtin import builtin_model_root
 from autosplit.cli import main
 
 STEPS = ["--num_epochs", "1", "--dataset_repeat", "1", "--max_steps", "4", "--lora_rank", "4", "--seed", "7"]
@@ -79,7 +79,9 @@ class AdapterContract:
         root = tmp_path_factory.mktemp(f"{self.tester.pipeline}-{task}")
         out = {"cache": root / "cache", "split": root / "split", "unsplit": root / "unsplit"}
         self.run("--task", f"{task}:data_process", "--output_path", str(out["cache"]))
-        self.run("--task", f"{task}:train", "--dataset_base_path", str(out["cache"]), "--output_path", str(out["split"]))
+        self.run(
+            "--task", f"{task}:train", "--dataset_base_path", str(out["cache"]), "--output_path", str(out["split"])
+        )
         self.run("--task", task, "--no-split", "--output_path", str(out["unsplit"]))
         return out
 
@@ -103,8 +105,9 @@ class AdapterContract:
         pipe.set_progress_bar_config(disable=True)
 
         def generate() -> torch.Tensor:
-            return pipe("a red circle", output_type="pt", generator=torch.Generator().manual_seed(0),
-                        **self.tester.generate)[0]
+            return pipe(
+                "a red circle", output_type="pt", generator=torch.Generator().manual_seed(0), **self.tester.generate
+            )[0]
 
         before = generate()
         pipe.load_lora_weights(trained["split"], weight_name="lora.safetensors")
@@ -120,10 +123,18 @@ class AdapterContract:
 
         for spec in self.tester.frozen_classes:
             monkeypatch.setattr(_class(spec), "__init__", refuse)
-        self.run("--task", f"{task}:train", "--dataset_base_path", str(trained["cache"]),
-                 "--output_path", str(tmp_path / "again"))
-        assert load_file(tmp_path / "again/lora.safetensors").keys() == load_file(
-            trained["split"] / "lora.safetensors").keys()
+        self.run(
+            "--task",
+            f"{task}:train",
+            "--dataset_base_path",
+            str(trained["cache"]),
+            "--output_path",
+            str(tmp_path / "again"),
+        )
+        assert (
+            load_file(tmp_path / "again/lora.safetensors").keys()
+            == load_file(trained["split"] / "lora.safetensors").keys()
+        )
         with pytest.raises(AssertionError, match="stage 2 built"):  # the guard works: stage 1 builds them
             self.run("--task", f"{task}:data_process", "--output_path", str(tmp_path / "cache2"))
 

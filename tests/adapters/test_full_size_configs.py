@@ -59,15 +59,17 @@ def test_every_module_component_has_a_full_size_config():
         assert needed | trained == {n for f, n in EXPECTED if f == family}
 
 
-@pytest.mark.parametrize("family,objective", [("flux", "flow"), ("sd", "epsilon"), ("sdxl", "epsilon"),
-                                              ("wan", "flow")])
+@pytest.mark.parametrize(
+    "family,objective", [("flux", "flow"), ("sd", "epsilon"), ("sdxl", "epsilon"), ("wan", "flow")]
+)
 def test_full_size_schedulers_are_the_published_objective(family, objective, tmp_path):
-    from autosplit.profiling import _full_size_scheduler_folder
     from autosplit.tasks import objective as objective_of
+    from autosplit.workflow.profiling import _full_size_scheduler_folder
 
     adapter = get_adapter(family)
-    scheduler = adapter.load_component(_full_size_scheduler_folder(adapter), "scheduler",
-                                       device=torch.device("cpu"), dtype=torch.float32)
+    scheduler = adapter.load_component(
+        _full_size_scheduler_folder(adapter), "scheduler", device=torch.device("cpu"), dtype=torch.float32
+    )
     assert objective_of(scheduler) == objective
 
 

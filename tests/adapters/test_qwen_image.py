@@ -8,8 +8,14 @@ import pytest
 import torch
 
 from autosplit.adapters.base import get_adapter, read_model_index
-from autosplit.adapters.qwen_image import (QwenImageAdapter, encode_image, encode_prompt, pack_latents,
-                                           template_prefix_len, unpack_latents)
+from autosplit.adapters.qwen_image import (
+    QwenImageAdapter,
+    encode_image,
+    encode_prompt,
+    pack_latents,
+    template_prefix_len,
+    unpack_latents,
+)
 from autosplit.errors import ConfigError, ModelError
 from autosplit.graph import UnitContext
 from tests.adapters.contract import AdapterContract, Tester
@@ -57,15 +63,21 @@ def test_encode_image_is_the_normalized_posterior_mode(pipe):
     out = encode_image({"image": image}, ctx_for(pipe))["image_latents"]
     mean = pipe.vae.encode(image.unsqueeze(2)).latent_dist.mean[:, :, 0]
     cfg = pipe.vae.config
-    expected = (mean - torch.tensor(cfg.latents_mean).view(1, -1, 1, 1)) / torch.tensor(cfg.latents_std).view(1, -1, 1, 1)
+    expected = (mean - torch.tensor(cfg.latents_mean).view(1, -1, 1, 1)) / torch.tensor(cfg.latents_std).view(
+        1, -1, 1, 1
+    )
     assert out.shape == (1, 16, 8, 12)
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
 
 
 def test_tiny_pipeline_is_deterministic(tmp_path, tiny_model):
     QwenImageAdapter().write_tiny(tmp_path / "again", seed=0)
-    for part in ("transformer/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
-                 "text_encoder/model.safetensors", "tokenizer/tokenizer.json"):
+    for part in (
+        "transformer/diffusion_pytorch_model.safetensors",
+        "vae/diffusion_pytorch_model.safetensors",
+        "text_encoder/model.safetensors",
+        "tokenizer/tokenizer.json",
+    ):
         digest = [hashlib.sha256((root / part).read_bytes()).hexdigest() for root in (tiny_model, tmp_path / "again")]
         assert digest[0] == digest[1], part
 

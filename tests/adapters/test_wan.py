@@ -6,9 +6,11 @@ from tests.adapters.contract import AdapterContract, Tester
 
 
 class TestWan(AdapterContract):
-    tester = Tester(pipeline="wan",
-                    frozen_classes=("transformers:UMT5EncoderModel", "diffusers:AutoencoderKLWan"),
-                    generate=dict(height=32, width=32, num_frames=5, num_inference_steps=2, guidance_scale=1.0))
+    tester = Tester(
+        pipeline="wan",
+        frozen_classes=("transformers:UMT5EncoderModel", "diffusers:AutoencoderKLWan"),
+        generate=dict(height=32, width=32, num_frames=5, num_inference_steps=2, guidance_scale=1.0),
+    )
 
 
 def test_clips_of_two_frame_counts_cache_in_two_buckets(tmp_path, autosplit_home):
@@ -35,7 +37,7 @@ def test_mp4_clips_train_like_their_frame_folders(tmp_path, autosplit_home):
     pytest.importorskip("av")  # the `video` extra; `.[test]` installs it
     from safetensors.torch import load_file
 
-    from autosplit.builtin import builtin_dataset_root
+    from autosplit.adapters.builtin import builtin_dataset_root
     from autosplit.cli import main
     from tests.test_data import write_clip
 
@@ -53,8 +55,21 @@ def test_mp4_clips_train_like_their_frame_folders(tmp_path, autosplit_home):
         (root / "metadata.csv").write_text("\n".join(rows) + "\n")
     steps = ["--pipeline", "wan", "--max_steps", "3", "--lora_rank", "4"]
     for name, base in (("frames", source), ("mkv", tmp_path / "mkv"), ("mp4", tmp_path / "mp4")):
-        assert main(["run", *steps, "--dataset_base_path", str(base), "--output_path", str(tmp_path / f"out_{name}"),
-                     "--cache_path", str(tmp_path / f"cache_{name}")]) == 0
+        assert (
+            main(
+                [
+                    "run",
+                    *steps,
+                    "--dataset_base_path",
+                    str(base),
+                    "--output_path",
+                    str(tmp_path / f"out_{name}"),
+                    "--cache_path",
+                    str(tmp_path / f"cache_{name}"),
+                ]
+            )
+            == 0
+        )
     frames, mkv = (load_file(tmp_path / f"out_{n}/lora.safetensors") for n in ("frames", "mkv"))
     assert all(torch.equal(frames[k], mkv[k]) for k in frames)
     assert (tmp_path / "out_mp4/lora.safetensors").is_file()

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from autosplit.cache import CacheReader, TensorStoreReader
 from autosplit.cli import main
+from autosplit.storage.cache import CacheReader, TensorStoreReader
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +39,7 @@ def test_tensorstore_and_zarr_readers_agree_bit_for_bit(cache):
 def test_inspect_reports_sizes_and_fingerprints(cache, capsys):
     assert main(["inspect", str(cache), "--verify"]) == 0
     out = capsys.readouterr().out
-    summary = json.loads(out[:out.rindex("}") + 1])
+    summary = json.loads(out[: out.rindex("}") + 1])
     assert summary["complete"] is True and summary["num_samples"] == 16 and summary["shards_done"] == 2
     assert summary["bytes_on_disk"] > 0 and summary["raw_bytes"] > 0
     assert summary["compression_ratio"] == round(summary["raw_bytes"] / summary["bytes_on_disk"], 3)
@@ -70,8 +70,25 @@ def test_verify_names_the_array_and_sample_of_a_flipped_byte(corrupt, capsys):
 @pytest.mark.parametrize("reader", ["tensorstore", "zarr"])
 def test_training_on_a_corrupt_cache_fails_naming_array_and_sample(corrupt, tmp_path, capsys, reader):
     bad, sample = corrupt
-    code = main(["run", "--task", "sft:train", "--dataset_base_path", str(bad), "--output_path", str(tmp_path / "o"),
-                 "--dtype", "bfloat16", "--num_epochs", "1", "--dataset_repeat", "1", "--set", f"cache.reader={reader}"])
+    code = main(
+        [
+            "run",
+            "--task",
+            "sft:train",
+            "--dataset_base_path",
+            str(bad),
+            "--output_path",
+            str(tmp_path / "o"),
+            "--dtype",
+            "bfloat16",
+            "--num_epochs",
+            "1",
+            "--dataset_repeat",
+            "1",
+            "--set",
+            f"cache.reader={reader}",
+        ]
+    )
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert code == 2
     assert f"cannot read array buckets/0/image_latents of sample {sample} (row 0)" in line and "corrupt" in line
@@ -80,8 +97,22 @@ def test_training_on_a_corrupt_cache_fails_naming_array_and_sample(corrupt, tmp_
 
 def test_batched_stage1_stays_within_a_small_difference(cache, tmp_path):
     """cache.batch_size > 1 pads prompts in the text encoder: results may move by rounding only."""
-    assert main(["run", "--task", "sft:data_process", "--output_path", str(tmp_path / "b4"), "--dtype", "bfloat16",
-                 "--set", "cache.batch_size=4"]) == 0
+    assert (
+        main(
+            [
+                "run",
+                "--task",
+                "sft:data_process",
+                "--output_path",
+                str(tmp_path / "b4"),
+                "--dtype",
+                "bfloat16",
+                "--set",
+                "cache.batch_size=4",
+            ]
+        )
+        == 0
+    )
     one, four = CacheReader(cache), CacheReader(tmp_path / "b4")
     worst = {}
     for i in range(len(one)):

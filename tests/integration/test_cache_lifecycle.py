@@ -19,9 +19,9 @@ import pytest
 import torch
 import zarr
 
-from autosplit.cache import cache_status, count_done_shards
 from autosplit.cli import main
-
+from autosplit.errors import CacheError
+from autosplit.storage.cache import CacheReader, cache_status, count_done_shards
 
 # bit-for-bit comparisons across processes: on the CPU, on a GPU host too (tests/conftest.py)
 pytestmark = pytest.mark.usefixtures("on_the_cpu")
@@ -33,7 +33,8 @@ def arrays(path: Path) -> dict[str, np.ndarray]:
     """Every array of a cache, by path (progress chunks excluded: they are bookkeeping)."""
     group = zarr.open_group(str(path), mode="r")
     return {name: arr[...] for name, arr in group.arrays()} | {
-        f"{g}/{name}": arr[...] for g, sub in group.groups() for name, arr in _walk(sub)}
+        f"{g}/{name}": arr[...] for g, sub in group.groups() for name, arr in _walk(sub)
+    }
 
 
 def _walk(group):
@@ -67,8 +68,22 @@ def dataset(tmp_path, tiny_dataset) -> Path:
 def reference(tmp_path_factory, tiny_model, tiny_dataset) -> Path:
     """A cache of the built-in dataset written in one uninterrupted run, shard_size 3."""
     path = tmp_path_factory.mktemp("ref") / "cache"
-    assert main(["run", "--task", "sft:data_process", "--output_path", str(path), "--dataset_base_path",
-                 str(tiny_dataset), "--set", "cache.shard_size=3"]) == 0
+    assert (
+        main(
+            [
+                "run",
+                "--task",
+                "sft:data_process",
+                "--output_path",
+                str(path),
+                "--dataset_base_path",
+                str(tiny_dataset),
+                "--set",
+                "cache.shard_size=3",
+            ]
+        )
+        == 0
+    )
     return path
 
 
@@ -76,13 +91,18 @@ def reference(tmp_path_factory, tiny_model, tiny_dataset) -> Path:
 
 
 def stage1(data: Path, cache: Path, *extra: str) -> None:
-    assert main(["run", "--task", "sft:data_process", "--dataset_base_path", str(data), "--output_path", str(cache),
-                 *extra]) == 0
+    assert (
+        main(
+            ["run", "--task", "sft:data_process", "--dataset_base_path", str(data), "--output_path", str(cache), *extra]
+        )
+        == 0
+    )
 
 
 def stage2_error(capsys, cache: Path, out: Path, *extra: str) -> str:
-    code = main(["run", "--task", "sft:train", "--dataset_base_path", str(cache), "--output_path", str(out),
-                 *SMALL, *extra])
+    code = main(
+        ["run", "--task", "sft:train", "--dataset_base_path", str(cache), "--output_path", str(out), *SMALL, *extra]
+    )
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert code == 2 and line.startswith("autosplit: error: ")
     assert not (out / "lora.safetensors").exists() and not (out / "train_log.jsonl").exists()
@@ -127,19 +147,28 @@ def test_changed_max_pixels_is_detected(capsys, tmp_path, dataset, tiny_model):
 
 def test_one_command_run_updates_only_the_changed_samples(tmp_path, dataset, tiny_model, caplog):
     out = tmp_path / "o"
-    base = ["run", "--dataset_base_path", str(dataset), "--output_path", str(out), *SMALL,
-            "--set", "cache.shard_size=3"]
+    base = [
+        "run",
+        "--dataset_base_path",
+        str(dataset),
+        "--output_path",
+        str(out),
+        *SMALL,
+        "--set",
+        "cache.shard_size=3",
+    ]
     assert main(base) == 0
     edit_metadata(dataset, 2, 1, "a brand new caption")
     rows = list(csv.reader((dataset / "metadata.csv").open()))
     with (dataset / "metadata.csv").open("w", newline="") as f:
         csv.writer(f).writerows(rows[:-1])  # one sample removed
-    import autosplit.stage1 as stage1_module
+    import autosplit.training.stage1 as stage1_module
 
     computed = []
     real = stage1_module.compute_samples
-    stage1_module.compute_samples = lambda units, samples, *a, **k: computed.extend(s.index for s in samples) or \
-        real(units, samples, *a, **k)
+    stage1_module.compute_samples = lambda units, samples, *a, **k: (
+        computed.extend(s.index for s in samples) or real(units, samples, *a, **k)
+    )
     try:
         caplog.set_level("INFO", logger="autosplit")
         assert main(base) == 0
@@ -162,8 +191,20 @@ def test_sigkill_during_stage1_then_resume_gives_the_same_cache(tmp_path, refere
     rng = random.Random(4)
     for trial in range(3):
         cache = tmp_path / f"c{trial}"
-        cmd = [sys.executable, "-m", "autosplit", "run", "--task", "sft:data_process", "--output_path", str(cache),
-               "--dataset_base_path", str(tiny_dataset), "--set", "cache.shard_size=3"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "autosplit",
+            "run",
+            "--task",
+            "sft:data_process",
+            "--output_path",
+            str(cache),
+            "--dataset_base_path",
+            str(tiny_dataset),
+            "--set",
+            "cache.shard_size=3",
+        ]
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         # kill once the cache exists plus a random extra delay: mid-index, mid-shard or between shards
         deadline = time.monotonic() + 120
@@ -173,14 +214,12 @@ def test_sigkill_during_stage1_then_resume_gives_the_same_cache(tmp_path, refere
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         assert cache_status(cache) != "complete" or proc.returncode == 0
-        if cache_status(cache) != "missing":  # nothing partial is read as complete
-            with pytest.raises(Exception, match="incomplete"):
-                from autosplit.cache import CacheReader
-
-                if cache_status(cache) == "incomplete":
-                    CacheReader(cache)
-                else:
-                    raise RuntimeError("incomplete (run finished before the kill)")
+        status = cache_status(cache)
+        if status == "incomplete":  # nothing partial is read as complete
+            with pytest.raises(CacheError, match="incomplete"):
+                CacheReader(cache)
+        elif status == "complete":  # the run finished before the kill: the cache reads whole
+            assert len(CacheReader(cache)) == 16
         assert subprocess.run(cmd, env=env, capture_output=True).returncode == 0
         assert cache_status(cache) == "complete" and count_done_shards(cache) == 6
         assert_same_cache(cache, reference)
@@ -190,8 +229,7 @@ def test_sigkill_during_stage1_then_resume_gives_the_same_cache(tmp_path, refere
 # --- disk full ---------------------------------------------------------------------------------
 
 
-def test_disk_full_during_stage1_is_a_clean_error_and_resumes(tmp_path, reference, tiny_dataset, capsys,
-                                                              monkeypatch):
+def test_disk_full_during_stage1_is_a_clean_error_and_resumes(tmp_path, reference, tiny_dataset, capsys, monkeypatch):
     import zarr.storage._local as local
 
     real_put, writes = local._put, []
@@ -204,8 +242,17 @@ def test_disk_full_during_stage1_is_a_clean_error_and_resumes(tmp_path, referenc
 
     monkeypatch.setattr(local, "_put", full_disk)
     cache = tmp_path / "c"
-    args = ["run", "--task", "sft:data_process", "--output_path", str(cache), "--dataset_base_path",
-            str(tiny_dataset), "--set", "cache.shard_size=3"]
+    args = [
+        "run",
+        "--task",
+        "sft:data_process",
+        "--output_path",
+        str(cache),
+        "--dataset_base_path",
+        str(tiny_dataset),
+        "--set",
+        "cache.shard_size=3",
+    ]
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and str(cache) in err[0] and "no space left on device" in err[0]
@@ -229,10 +276,37 @@ def test_two_processes_write_the_same_cache_as_one(tmp_path, reference, tiny_dat
     # accelerate 1.x: `--cpu --num_processes 2` starts ONE process (its simple launcher); `--multi_gpu` starts
     # two through torchrun, which run on CPU over gloo (--device cpu: on a GPU host too)
     result = subprocess.run(
-        [str(launcher), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-         "--dynamo_backend", "no", "-m", "autosplit", "run", "--task", "sft:data_process", "--output_path",
-         str(cache), "--dataset_base_path", str(tiny_dataset), "--set", "cache.shard_size=3", "--device", "cpu"],
-        capture_output=True, text=True, env=env, timeout=400)
+        [
+            str(launcher),
+            "launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "-m",
+            "autosplit",
+            "run",
+            "--task",
+            "sft:data_process",
+            "--output_path",
+            str(cache),
+            "--dataset_base_path",
+            str(tiny_dataset),
+            "--set",
+            "cache.shard_size=3",
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=400,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "process 0 of 2: 3 shards to write" in result.stderr
     assert "process 1 of 2: 3 shards to write" in result.stderr

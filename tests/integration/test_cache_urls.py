@@ -10,7 +10,7 @@ import zarr
 from safetensors.torch import load_file
 
 from autosplit.cli import main
-from autosplit.storage import local_path
+from autosplit.storage.remote import local_path
 
 ARGS = ["--num_epochs", "1", "--dataset_repeat", "1", "--lora_rank", "4", "--seed", "3", "--max_steps", "5"]
 
@@ -38,8 +38,20 @@ def test_file_and_memory_urls_train_what_a_folder_trains(tmp_path, tiny_model, t
 
 
 def test_url_errors_are_one_line(tmp_path, tiny_model, capsys):
-    assert main(["run", "--task", "sft:train", "--dataset_base_path", "memory://autosplit-tests/nothing",
-                 "--output_path", str(tmp_path / "o")]) == 2
+    assert (
+        main(
+            [
+                "run",
+                "--task",
+                "sft:train",
+                "--dataset_base_path",
+                "memory://autosplit-tests/nothing",
+                "--output_path",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 2
+    )
     assert "not an autosplit cache" in capsys.readouterr().err
     assert main(["run", "--output_path", "memory://autosplit-tests/out"]) == 2
     err = capsys.readouterr().err.strip().splitlines()

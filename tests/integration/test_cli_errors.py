@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import csv
+import re
 import shutil
 from pathlib import Path
 
 import pytest
 
-from autosplit.cache import cache_status
 from autosplit.cli import main
+from autosplit.storage.cache import cache_status
 
 
 def copy_dataset(src: Path, dst: Path) -> Path:
@@ -66,15 +67,110 @@ def test_truncated_image_fails_in_stage1_and_leaves_cache_incomplete(capsys, tmp
     png = (data / "0005.png").read_bytes()
     (data / "0005.png").write_bytes(png[: len(png) // 2])  # header intact, pixels cut off
     out = tmp_path / "o"
-    line = run_error(capsys, "--dataset_base_path", str(data), "--output_path", str(out), "--set",
-                     "cache.shard_size=2")
+    line = run_error(capsys, "--dataset_base_path", str(data), "--output_path", str(out), "--set", "cache.shard_size=2")
     assert "0005.png" in line and "cannot be decoded" in line
     assert cache_status(out / "cache") == "incomplete"
     assert_no_complete_cache(out)
     # training from it is refused, naming the fix
-    line = run_error(capsys, "--task", "sft:train", "--dataset_base_path", str(out / "cache"), "--output_path",
-                     str(tmp_path / "o2"))
+    line = run_error(
+        capsys, "--task", "sft:train", "--dataset_base_path", str(out / "cache"), "--output_path", str(tmp_path / "o2")
+    )
     assert "incomplete" in line and "re-run stage 1" in line
+
+
+def one_line_error(capsys, *args: str) -> str:
+    """The run fails with exit 2 and stderr holds exactly one line, the error."""
+    code = main(["run", *args])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith("autosplit: error: "), err
+    return err[0]
+
+
+def stage1_error(capsys, data: Path, out: Path) -> str:
+    line = one_line_error(capsys, "--dataset_base_path", str(data), "--output_path", str(out))
+    assert_no_complete_cache(out)
+    return line
+
+
+def test_csv_row_without_a_prompt_cell(capsys, tmp_path, tiny_model, tiny_dataset):
+    data = copy_dataset(tiny_dataset, tmp_path / "data")
+    lines = (data / "metadata.csv").read_text().splitlines()
+    (data / "metadata.csv").write_text("\n".join([lines[0], "0000.png", *lines[2:]]) + "\n")
+    line = stage1_error(capsys, data, tmp_path / "o")
+    assert "metadata.csv row 1: 1 cells for the header's 2 columns, no value for ['prompt']" in line
+    assert "deliberately empty prompt" in line
+
+
+def test_jsonl_prompt_that_is_an_object(capsys, tmp_path, tiny_model, tiny_dataset):
+    data = copy_dataset(tiny_dataset, tmp_path / "data")
+    (data / "metadata.csv").unlink()
+    (data / "metadata.jsonl").write_text(
+        '{"image": "0000.png", "prompt": "ok"}\n{"image": "0001.png", "prompt": {"en": "a cat"}}\n'
+    )
+    line = stage1_error(capsys, data, tmp_path / "o")
+    assert f"{data / 'metadata.jsonl'} line 2: prompt is an object" in line and "not a string" in line
+
+
+def test_metadata_that_is_not_utf8(capsys, tmp_path, tiny_model, tiny_dataset):
+    data = copy_dataset(tiny_dataset, tmp_path / "data")
+    with (data / "metadata.csv").open("ab") as f:
+        f.write("0001.png,a caf\u00e9\n".encode("cp1252"))
+    line = stage1_error(capsys, data, tmp_path / "o")
+    assert f"{data / 'metadata.csv'}: line 18 is not UTF-8 text (byte 0xe9); save the file as UTF-8" in line
+
+
+def test_image_outside_the_dataset_folder(capsys, tmp_path, tiny_model, tiny_dataset):
+    data = copy_dataset(tiny_dataset, tmp_path / "data")
+    shutil.copy(data / "0000.png", tmp_path / "stray.png")
+    rewrite_first_image(data, "../stray.png")
+    line = stage1_error(capsys, data, tmp_path / "o")
+    assert "metadata.csv row 1: image '../stray.png' is outside the dataset folder" in line
+    assert "data.allow_outside_paths = true" in line
+
+
+def test_image_whose_header_claims_20000x20000_pixels(capsys, tmp_path, tiny_model, tiny_dataset):
+    import struct
+    import zlib
+
+    data = copy_dataset(tiny_dataset, tmp_path / "data")
+    png = bytearray((data / "0003.png").read_bytes())
+    png[16:24] = struct.pack(">II", 20000, 20000)  # IHDR width, height
+    png[29:33] = struct.pack(">I", zlib.crc32(bytes(png[12:29])))
+    (data / "0003.png").write_bytes(bytes(png))
+    line = stage1_error(capsys, data, tmp_path / "o")
+    assert f"metadata.csv row 4: image {data / '0003.png'} is too large to decode" in line
+    assert "(Image size (400000000 pixels) exceeds limit" in line
+    assert line.endswith("scale it down")
+
+
+def test_a_caption_longer_than_the_tokenizer_limit_warns_once(tmp_path, tiny_model, tiny_dataset, caplog):
+    import logging
+
+    from autosplit.adapters.base import truncation_report
+    from autosplit.storage.cache import cache_status
+
+    data = copy_dataset(tiny_dataset, tmp_path / "data")
+    rows = list(csv.reader((data / "metadata.csv").open()))
+    for row in rows[1:4]:
+        row[1] = " ".join([row[1]] * 200)  # well over the 1024 prompt tokens Qwen-Image keeps
+    with (data / "metadata.csv").open("w", newline="") as f:
+        csv.writer(f).writerows(rows)
+    truncation_report()  # forget cuts of earlier tests in this process
+    caplog.set_level(logging.WARNING, logger="autosplit")
+    out = tmp_path / "c"
+    assert main(["run", "--task", "sft:data_process", "--dataset_base_path", str(data), "--output_path", str(out)]) == 0
+    warnings = [r.getMessage() for r in caplog.records if r.name == "autosplit.adapters.base"]
+    assert len(warnings) == 1 and "longer than tokenizer's limit and are cut to 1024 tokens" in warnings[0], warnings
+    assert cache_status(out) == "complete"
+    # stage 1 ends with the count: 3 in stage 1, and one more if the profile encoded the first row's prompt too
+    (summary,) = [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "autosplit.training.stage1" and "captions cut" in r.getMessage()
+    ]
+    assert re.match(r"stage 1: captions cut to the text encoders' limits: [34] by tokenizer to 1024 tokens", summary)
+    assert truncation_report() is None  # the summary reset the counts
 
 
 def test_model_path_that_is_not_a_diffusers_folder(capsys, tmp_path, tiny_dataset):
@@ -99,8 +195,7 @@ def test_unknown_lora_target_module(capsys, tmp_path, tiny_model, tiny_dataset):
     assert not out.exists()  # checked before stage 1 starts
 
 
-@pytest.mark.parametrize("task, expected", [("sfx", "--task 'sfx' is unknown"),
-                                            ("sft:cache", "unknown stage 'cache'")])
+@pytest.mark.parametrize("task, expected", [("sfx", "--task 'sfx' is unknown"), ("sft:cache", "unknown stage 'cache'")])
 def test_unknown_task(capsys, tmp_path, tiny_model, task, expected):
     line = run_error(capsys, "--task", task, "--output_path", str(tmp_path / "o"))
     assert expected in line and "sft:data_process" in line
@@ -118,8 +213,9 @@ def test_sft_train_without_a_cache_path(capsys, tmp_path, tiny_model):
 
 
 def test_sft_train_on_a_dataset_folder_instead_of_a_cache(capsys, tmp_path, tiny_model, tiny_dataset):
-    line = run_error(capsys, "--task", "sft:train", "--dataset_base_path", str(tiny_dataset),
-                     "--output_path", str(tmp_path / "o"))
+    line = run_error(
+        capsys, "--task", "sft:train", "--dataset_base_path", str(tiny_dataset), "--output_path", str(tmp_path / "o")
+    )
     assert "not an autosplit cache" in line and "sft:data_process" in line
 
 
@@ -139,8 +235,9 @@ def test_stage1_refuses_a_non_empty_foreign_folder(capsys, tmp_path, tiny_model)
     assert (tmp_path / "c" / "notes.txt").read_text() == "mine"
 
 
-@pytest.mark.parametrize("argv, expected", [([], True), (["--find_unused_parameters"], True),
-                                            (["--find_unused_parameters", "false"], False)])
+@pytest.mark.parametrize(
+    "argv, expected", [([], True), (["--find_unused_parameters"], True), (["--find_unused_parameters", "false"], False)]
+)
 def test_find_unused_parameters_flag_sets_the_config_key(argv, expected):
     from autosplit.cli import build_parser, config_from_args
 

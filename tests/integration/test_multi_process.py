@@ -15,8 +15,8 @@ import pytest
 from safetensors.torch import load_file
 
 from autosplit.cli import main
-from autosplit.trainer import TRACE_ENV, weights_digest
-
+from autosplit.training.lora import weights_digest
+from autosplit.training.trainer import TRACE_ENV
 
 # bit-for-bit comparisons across processes: on the CPU, on a GPU host too (tests/conftest.py)
 pytestmark = pytest.mark.usefixtures("on_the_cpu")
@@ -29,8 +29,10 @@ NUM_SAMPLES = 16  # the built-in dataset
 def cache(tmp_path_factory, tiny_model, tiny_dataset) -> Path:
     path = tmp_path_factory.mktemp("multi") / "cache"
     # 8 shards of 2: each of 2 ranks reads 4 shards, 8 samples, 8 batches of 1
-    assert main(["run", "--task", "sft:data_process", "--output_path", str(path), *BASE,
-                 "--set", "cache.shard_size=2"]) == 0
+    assert (
+        main(["run", "--task", "sft:data_process", "--output_path", str(path), *BASE, "--set", "cache.shard_size=2"])
+        == 0
+    )
     return path
 
 
@@ -43,9 +45,29 @@ def launch_two(args: list[str], trace: Path) -> subprocess.CompletedProcess:
     # accelerate 1.x: `--cpu --num_processes 2` starts ONE process; `--multi_gpu` starts two through
     # torchrun, which run on CPU over gloo (--device cpu: on a GPU host too)
     result = subprocess.run(
-        [str(launcher), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-         "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "autosplit", *args, "--device", "cpu"],
-        capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1", TRACE_ENV: str(trace)}, timeout=400)
+        [
+            str(launcher),
+            "launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "-m",
+            "autosplit",
+            *args,
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TQDM_DISABLE": "1", TRACE_ENV: str(trace)},
+        timeout=400,
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     return result
 
@@ -66,8 +88,9 @@ def steps(out: Path) -> list[int]:
 @pytest.mark.slow
 def test_two_processes_train_identical_weights_and_write_once(cache, tmp_path):
     out = tmp_path / "o"
-    result = launch_two(train_args(cache, out, "--num_epochs", "1", "--set", "train.checkpoint_every=3"),
-                        tmp_path / "trace")
+    result = launch_two(
+        train_args(cache, out, "--num_epochs", "1", "--set", "train.checkpoint_every=3"), tmp_path / "trace"
+    )
     stats = rank_stats(result.stderr)
     assert sorted(stats) == [0, 1] and {s["world_size"] for s in stats.values()} == {2}
     saved = weights_digest(load_file(out / "lora.safetensors"))
@@ -76,7 +99,7 @@ def test_two_processes_train_identical_weights_and_write_once(cache, tmp_path):
     assert steps(out) == list(range(1, 9))  # one log, 8 batches per rank
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-6", "step-8"]
     seen = traced(tmp_path / "trace")
-    by_rank = [set(i for t in seen[r * 8:(r + 1) * 8] for i in t["samples"]) for r in (0, 1)]
+    by_rank = [set(i for t in seen[r * 8 : (r + 1) * 8] for i in t["samples"]) for r in (0, 1)]
     assert not by_rank[0] & by_rank[1] and len(by_rank[0] | by_rank[1]) == NUM_SAMPLES  # disjoint shards
 
 
@@ -120,7 +143,9 @@ def test_one_process_stop_then_resume_on_two(cache, tmp_path):
         del os.environ[TRACE_ENV]
     result = launch_two(train_args(cache, out, *every, "--resume"), trace / "two")
     stats = rank_stats(result.stderr)
-    assert stats[0]["weights_sha256"] == stats[1]["weights_sha256"] == weights_digest(load_file(out / "lora.safetensors"))
+    assert (
+        stats[0]["weights_sha256"] == stats[1]["weights_sha256"] == weights_digest(load_file(out / "lora.safetensors"))
+    )
     # 11 samples left, dealt 5 + 5 (one batch dropped: ranks need equal counts)
     check_epoch(traced(trace / "one") + traced(trace / "two"), dropped_at_most=1)
     assert steps(out) == list(range(1, 5 + 5 + 1))

@@ -15,8 +15,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from autosplit.checkpoint import latest_checkpoint
 from autosplit.cli import main
+from autosplit.training.checkpoint import latest_checkpoint
 
 BASE = ["--num_epochs", "2", "--dataset_repeat", "1", "--lora_rank", "4", "--seed", "3"]
 
@@ -41,8 +41,9 @@ def cache(tmp_path_factory, tiny_model, tiny_dataset) -> Path:
 
 
 def train(cache: Path, out: Path, *extra: str) -> int:
-    return main(["run", "--task", "sft:train", "--dataset_base_path", str(cache), "--output_path", str(out),
-                 *BASE, *extra])
+    return main(
+        ["run", "--task", "sft:train", "--dataset_base_path", str(cache), "--output_path", str(out), *BASE, *extra]
+    )
 
 
 @pytest.mark.parametrize("extra", [[], ["--batch_size", "3", "--gradient_accumulation_steps", "2"]])
@@ -56,10 +57,59 @@ def test_stop_then_resume_continues_the_exact_loss_sequence(cache, tmp_path, ext
     assert len(losses(tmp_path / "full")) == (32 if not extra else 6)  # 16 x 2 epochs; 6 x 2 / accumulation 2
 
 
-def test_resume_without_a_checkpoint_starts_from_step_0(cache, tmp_path):
+def test_resume_without_a_checkpoint_is_refused_naming_the_folder_and_the_fix(cache, tmp_path, capsys):
+    assert train(cache, tmp_path / "b", "--max_steps", "3", "--resume") == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line == (
+        f"autosplit: error: --resume: no checkpoint in {tmp_path / 'b' / 'checkpoints'}; drop --resume "
+        f"to start from step 0, or pass --set train.resume=auto to continue only where a checkpoint "
+        f"exists"
+    )
+    assert not (tmp_path / "b").exists()  # refused before anything is written
+
+
+def test_resume_auto_without_a_checkpoint_starts_from_step_0(cache, tmp_path):
     assert train(cache, tmp_path / "a", "--max_steps", "3") == 0
-    assert train(cache, tmp_path / "b", "--max_steps", "3", "--resume") == 0
+    assert train(cache, tmp_path / "b", "--max_steps", "3", "--set", "train.resume=auto") == 0
     assert_same_run(tmp_path / "a", tmp_path / "b")
+
+
+def test_resume_auto_with_a_checkpoint_continues(cache, tmp_path):
+    every = ["--set", "train.checkpoint_every=2"]
+    assert train(cache, tmp_path / "full", "--max_steps", "6") == 0
+    assert train(cache, tmp_path / "cut", *every, "--max_steps", "3") == 0
+    assert train(cache, tmp_path / "cut", *every, "--max_steps", "6", "--set", "train.resume=auto") == 0
+    assert_same_run(tmp_path / "full", tmp_path / "cut")
+
+
+@pytest.mark.parametrize(
+    "toml, sets, expected",
+    [
+        ("", [], "no"),
+        ("resume = true", [], "yes"),
+        ("resume = false", [], "no"),
+        ('resume = "auto"', [], "auto"),
+        ("", ["train.resume=true"], "yes"),
+        ("", ["train.resume=Auto"], "auto"),
+        ("resume = true", ["train.resume=no"], "no"),
+    ],
+)
+def test_resume_setting_spellings(tmp_path, toml, sets, expected):
+    from autosplit.config import load_config
+
+    (tmp_path / "run.toml").write_text(f"[train]\n{toml}\n")
+    config = load_config(toml_path=tmp_path / "run.toml", sets=sets, flags={})
+    assert config.train.resume == expected
+
+
+def test_resume_flag_means_yes_and_a_bad_value_is_refused():
+    from autosplit.cli import build_parser, config_from_args
+    from autosplit.config import load_config
+    from autosplit.errors import ConfigError
+
+    assert config_from_args(build_parser().parse_args(["run", "--resume"])).train.resume == "yes"
+    with pytest.raises(ConfigError, match=r"train.resume='maybe' must be no, yes .* or auto"):
+        load_config(toml_path=None, sets=["train.resume=maybe"], flags={})
 
 
 def test_resume_with_other_settings_is_refused(cache, tmp_path, capsys):
@@ -72,8 +122,19 @@ def test_resume_with_other_settings_is_refused(cache, tmp_path, capsys):
 
 
 def test_checkpoints_keep_only_the_newest(cache, tmp_path):
-    assert train(cache, tmp_path / "o", "--max_steps", "7", "--set", "train.checkpoint_every=2",
-                 "--set", "train.checkpoints_kept=2") == 0
+    assert (
+        train(
+            cache,
+            tmp_path / "o",
+            "--max_steps",
+            "7",
+            "--set",
+            "train.checkpoint_every=2",
+            "--set",
+            "train.checkpoints_kept=2",
+        )
+        == 0
+    )
     names = sorted(p.name for p in (tmp_path / "o/checkpoints").iterdir())
     assert names == ["step-6", "step-7"]
     files = sorted(p.name for p in (tmp_path / "o/checkpoints/step-7").iterdir())
@@ -82,8 +143,21 @@ def test_checkpoints_keep_only_the_newest(cache, tmp_path):
 
 @pytest.mark.slow
 def test_sigkill_during_stage2_then_resume(cache, tmp_path):
-    args = [sys.executable, "-m", "autosplit", "run", "--task", "sft:train", "--dataset_base_path", str(cache),
-            *BASE, "--num_epochs", "3", "--set", "train.checkpoint_every=4"]
+    args = [
+        sys.executable,
+        "-m",
+        "autosplit",
+        "run",
+        "--task",
+        "sft:train",
+        "--dataset_base_path",
+        str(cache),
+        *BASE,
+        "--num_epochs",
+        "3",
+        "--set",
+        "train.checkpoint_every=4",
+    ]
     env = {**os.environ, "TQDM_DISABLE": "1"}
     assert train(cache, tmp_path / "full", "--num_epochs", "3") == 0
     out = tmp_path / "killed"

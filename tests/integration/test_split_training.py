@@ -8,6 +8,7 @@ import logging
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -15,8 +16,8 @@ import torch
 import zarr
 from safetensors.torch import load_file
 
-from autosplit.cache import cache_status
 from autosplit.cli import main
+from autosplit.storage.cache import cache_status
 
 STEPS = ["--num_epochs", "1", "--dataset_repeat", "2", "--lora_rank", "4", "--seed", "7"]
 
@@ -59,8 +60,10 @@ def test_training_moves_the_lora(manual_split):
     weights = load_file(split / "lora.safetensors")
     still_zero = sorted(k for k, w in weights.items() if "lora_B" in k and w.abs().max() == 0)  # B starts at 0
     # only the last block's text-query/text-output path gets no gradient: its text stream is discarded
-    assert still_zero == [f"transformer.transformer_blocks.1.{m}.lora_B.weight"
-                          for m in ("attn.add_q_proj", "attn.to_add_out", "txt_mlp.net.2")]
+    assert still_zero == [
+        f"transformer.transformer_blocks.1.{m}.lora_B.weight"
+        for m in ("attn.add_q_proj", "attn.to_add_out", "txt_mlp.net.2")
+    ]
 
 
 def test_one_command_split_with_batches_matches_unsplit(tmp_path, tiny_model, tiny_dataset):
@@ -91,8 +94,14 @@ def test_diffusers_pipeline_loads_the_lora_and_changes_its_output(manual_split, 
     pipe = QwenImagePipeline.from_pretrained(tiny_model)
 
     def generate() -> torch.Tensor:
-        return pipe("a red circle", height=64, width=64, num_inference_steps=2, output_type="pt",
-                    generator=torch.Generator().manual_seed(0)).images
+        return pipe(
+            "a red circle",
+            height=64,
+            width=64,
+            num_inference_steps=2,
+            output_type="pt",
+            generator=torch.Generator().manual_seed(0),
+        ).images
 
     before = generate()
     pipe.load_lora_weights(split, weight_name="lora.safetensors")
@@ -114,8 +123,20 @@ def test_stage2_never_builds_text_encoder_or_vae(manual_split, tmp_path, monkeyp
     monkeypatch.setattr(Qwen2_5_VLForConditionalGeneration, "__init__", refuse)
     monkeypatch.setattr(AutoencoderKLQwenImage, "__init__", refuse)
     cache, _ = manual_split
-    assert run("--task", "sft:train", "--dataset_base_path", str(cache), "--output_path", str(tmp_path / "o"),
-               *STEPS, "--max_steps", "2") == 0
+    assert (
+        run(
+            "--task",
+            "sft:train",
+            "--dataset_base_path",
+            str(cache),
+            "--output_path",
+            str(tmp_path / "o"),
+            *STEPS,
+            "--max_steps",
+            "2",
+        )
+        == 0
+    )
     # the guard works: stage 1 does build them
     with pytest.raises(AssertionError, match="stage 2 built"):
         run("--task", "sft:data_process", "--output_path", str(tmp_path / "c2"), *STEPS)
@@ -127,8 +148,22 @@ def test_stage2_runs_from_a_model_folder_without_stage1_components(manual_split,
     dit_only = tmp_path / "dit_only"
     shutil.copytree(tiny_model, dit_only, ignore=shutil.ignore_patterns("text_encoder", "vae", "tokenizer"))
     cache, _ = manual_split
-    assert run("--task", "sft:train", "--dataset_base_path", str(cache), "--model_paths", str(dit_only),
-               "--output_path", str(tmp_path / "o"), *STEPS, "--max_steps", "2") == 0
+    assert (
+        run(
+            "--task",
+            "sft:train",
+            "--dataset_base_path",
+            str(cache),
+            "--model_paths",
+            str(dit_only),
+            "--output_path",
+            str(tmp_path / "o"),
+            *STEPS,
+            "--max_steps",
+            "2",
+        )
+        == 0
+    )
 
 
 def test_cache_is_plain_zarr_v3(manual_split):
@@ -145,22 +180,26 @@ def test_cache_is_plain_zarr_v3(manual_split):
     embeds = group[f"buckets/{bucket}/prompt_embeds"][row, :length]
     assert embeds.shape == (length, 32) and abs(embeds).sum() > 0
     assert not group[f"buckets/{bucket}/prompt_embeds"][row, length:].any()  # padding is zeros
-    assert json.loads((cache / "plan.json").read_text())["cached"][0]["name"] == "prompt_embeds"
+    assert group.attrs["autosplit"]["plan"]["cached"][0]["name"] == "prompt_embeds"  # the plan is in the manifest
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # plain zarr sees nothing in the cache it does not know (no stray files)
+        assert sorted(zarr.open_group(str(cache), mode="r").group_keys()) == ["buckets", "index"]
 
 
 def test_bf16_cache_round_trips_bit_exactly(tmp_path, tiny_model, tiny_dataset):
-    from autosplit.cache import CacheReader
     from autosplit.config import load_config
-    from autosplit.session import open_session
-    from autosplit.stage1 import compute_sample, stage1_context
+    from autosplit.storage.cache import CacheReader
+    from autosplit.training.stage1 import compute_sample, stage_context
+    from autosplit.workflow.profiling import plan_run
+    from autosplit.workflow.session import open_session
 
     cache = tmp_path / "bf16"
     assert run("--task", "sft:data_process", "--dtype", "bfloat16", "--output_path", str(cache)) == 0
     reader = CacheReader(cache)
     assert zarr.open_group(str(cache))["buckets/0/image_latents"].dtype == "uint16"
     session = open_session(load_config(toml_path=None, sets=[], flags={"dtype": "bfloat16"}))
-    plan = session.plan()
-    units, ctx = stage1_context(session, plan)
+    plan = plan_run(session)
+    units, ctx = stage_context(plan, session.graph, models=session.models, unit_settings=session.settings)
     samples = session.samples()
     for i in (0, 5):
         fresh = compute_sample(units, samples[i], ctx, [v.name for v in plan.cached], to_cpu=True)
@@ -175,16 +214,39 @@ def test_bf16_cache_round_trips_bit_exactly(tmp_path, tiny_model, tiny_dataset):
 
 def test_python_m_autosplit_and_accelerate_launch(tmp_path, tiny_model, tiny_dataset):
     env = {**os.environ, "TQDM_DISABLE": "1"}
-    help_text = subprocess.run([sys.executable, "-m", "autosplit", "run", "--help"], capture_output=True,
-                               text=True, env=env, check=True).stdout
+    help_text = subprocess.run(
+        [sys.executable, "-m", "autosplit", "run", "--help"], capture_output=True, text=True, env=env, check=True
+    ).stdout
     for flag in ("--dataset_base_path", "--lora_target_modules", "--use_gradient_checkpointing", "--no-split"):
         assert flag in help_text
     launcher = Path(sys.executable).with_name("accelerate")
     result = subprocess.run(
-        [str(launcher), "launch", "--cpu", "--num_processes", "1", "--num_machines", "1", "--mixed_precision",
-         "no", "--dynamo_backend", "no", "-m", "autosplit", "run", "--output_path", str(tmp_path), "--max_steps",
-         "3", "--use_gradient_checkpointing"],
-        capture_output=True, text=True, env=env, timeout=300)
+        [
+            str(launcher),
+            "launch",
+            "--cpu",
+            "--num_processes",
+            "1",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "-m",
+            "autosplit",
+            "run",
+            "--output_path",
+            str(tmp_path),
+            "--max_steps",
+            "3",
+            "--use_gradient_checkpointing",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert (tmp_path / "lora.safetensors").is_file()
     assert len(losses(tmp_path)) == 3
@@ -202,10 +264,22 @@ def test_vae_posterior_sampling_split_matches_unsplit(tmp_path, tiny_model, tiny
 
 
 def test_cached_augmentation_variants_match_unsplit_and_vary_by_epoch(tmp_path, tiny_model, tiny_dataset):
-    from autosplit.cache import CacheReader
+    from autosplit.storage.cache import CacheReader
 
-    args = ["--num_epochs", "3", "--dataset_repeat", "1", "--lora_rank", "4", "--seed", "7", "--cache_variants", "2",
-            "--set", "data.random_flip=0.5"]
+    args = [
+        "--num_epochs",
+        "3",
+        "--dataset_repeat",
+        "1",
+        "--lora_rank",
+        "4",
+        "--seed",
+        "7",
+        "--cache_variants",
+        "2",
+        "--set",
+        "data.random_flip=0.5",
+    ]
     assert run("--output_path", str(tmp_path / "split"), *args) == 0
     assert run("--no-split", "--output_path", str(tmp_path / "unsplit"), *args) == 0
     a, b = load_file(tmp_path / "split/lora.safetensors"), load_file(tmp_path / "unsplit/lora.safetensors")
@@ -215,13 +289,15 @@ def test_cached_augmentation_variants_match_unsplit_and_vary_by_epoch(tmp_path, 
     assert [u["name"] for u in plan["units"] if u["stage"] == 1][:2] == ["load_image", "random_flip"]
     reader = CacheReader(tmp_path / "split/cache")
     assert len(reader) == 32  # 16 samples x 2 variants
-    flips = [not torch.equal(reader.read(2 * i)["image_latents"], reader.read(2 * i + 1)["image_latents"])
-             for i in range(16)]
+    flips = [
+        not torch.equal(reader.read(2 * i)["image_latents"], reader.read(2 * i + 1)["image_latents"]) for i in range(16)
+    ]
     assert 0 < sum(flips) < 16  # some variants flipped, some not (p = 0.5)
 
 
-def test_a_flip_drawn_every_step_reads_its_sources_from_the_cache_and_matches_unsplit(tmp_path, tiny_model,
-                                                                                      tiny_dataset):
+def test_a_flip_drawn_every_step_reads_its_sources_from_the_cache_and_matches_unsplit(
+    tmp_path, tiny_model, tiny_dataset
+):
     args = [*STEPS, "--set", "data.random_flip=0.5"]
     assert run("--output_path", str(tmp_path / "split"), *args) == 0
     assert run("--no-split", "--output_path", str(tmp_path / "unsplit"), *args) == 0
@@ -251,7 +327,7 @@ def test_caption_dropout_matches_unsplit_and_changes_what_is_learned(tmp_path, t
 
 
 def test_variant_choice_is_a_pure_function_of_seed_epoch_and_sample():
-    from autosplit.trainer import _VariantPicker
+    from autosplit.training.trainer import _VariantPicker
 
     class Epoch:
         epoch = 0

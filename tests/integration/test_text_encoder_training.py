@@ -15,8 +15,18 @@ from safetensors.torch import load_file
 
 from autosplit.cli import main
 
-BOTH = ["--lora_base_model", "dit,text_encoder", "--num_epochs", "1", "--dataset_repeat", "1", "--lora_rank", "4",
-        "--seed", "5"]
+BOTH = [
+    "--lora_base_model",
+    "dit,text_encoder",
+    "--num_epochs",
+    "1",
+    "--dataset_repeat",
+    "1",
+    "--lora_rank",
+    "4",
+    "--seed",
+    "5",
+]
 
 
 def losses(output: Path) -> list[float]:
@@ -24,8 +34,10 @@ def losses(output: Path) -> list[float]:
 
 
 def weights(output: Path) -> dict[str, torch.Tensor]:
-    return {**load_file(output / "lora.safetensors"),
-            **{f"te.{k}": v for k, v in load_file(output / "text_encoder_lora/adapter_model.safetensors").items()}}
+    return {
+        **load_file(output / "lora.safetensors"),
+        **{f"te.{k}": v for k, v in load_file(output / "text_encoder_lora/adapter_model.safetensors").items()},
+    }
 
 
 @pytest.fixture(scope="module")
@@ -56,15 +68,38 @@ def test_text_encoding_runs_in_stage2_from_the_cached_prompt(runs, tmp_path, mon
         raise AssertionError("stage 2 built the VAE")
 
     monkeypatch.setattr(AutoencoderKLQwenImage, "__init__", refuse)
-    assert main(["run", "--task", "sft:train", "--dataset_base_path", str(runs["split"] / "cache"),
-                 "--output_path", str(tmp_path), *BOTH]) == 0
+    assert (
+        main(
+            [
+                "run",
+                "--task",
+                "sft:train",
+                "--dataset_base_path",
+                str(runs["split"] / "cache"),
+                "--output_path",
+                str(tmp_path),
+                *BOTH,
+            ]
+        )
+        == 0
+    )
     assert all(torch.equal(v, weights(runs["split"])[k]) for k, v in weights(tmp_path).items())
 
 
 def test_resume_is_exact_with_two_trained_components(runs, tmp_path):
     cache = str(runs["split"] / "cache")
-    args = ["run", "--task", "sft:train", "--dataset_base_path", cache, "--output_path", str(tmp_path), *BOTH,
-            "--set", "train.checkpoint_every=3"]
+    args = [
+        "run",
+        "--task",
+        "sft:train",
+        "--dataset_base_path",
+        cache,
+        "--output_path",
+        str(tmp_path),
+        *BOTH,
+        "--set",
+        "train.checkpoint_every=3",
+    ]
     assert main([*args, "--max_steps", "7"]) == 0
     assert main([*args, "--resume"]) == 0
     assert losses(tmp_path) == losses(runs["split"])
@@ -97,11 +132,25 @@ def test_a_text_encoder_alone_or_an_unknown_component_is_refused(capsys, tmp_pat
 def test_sd_saves_both_loras_in_one_file_that_diffusers_loads(tmp_path, autosplit_home):
     from diffusers import StableDiffusionPipeline
 
+    from autosplit.adapters.builtin import builtin_model_root
     from autosplit.adapters.sd import StableDiffusionAdapter
-    from autosplit.builtin import builtin_model_root
 
-    assert main(["run", "--pipeline", "sd", "--lora_base_model", "dit,text_encoder", "--max_steps", "3",
-                 "--output_path", str(tmp_path)]) == 0
+    assert (
+        main(
+            [
+                "run",
+                "--pipeline",
+                "sd",
+                "--lora_base_model",
+                "dit,text_encoder",
+                "--max_steps",
+                "3",
+                "--output_path",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     assert {k.split(".")[0] for k in load_file(tmp_path / "lora.safetensors")} == {"unet", "text_encoder"}
     assert not (tmp_path / "text_encoder_lora").exists()
     pipe = StableDiffusionPipeline.from_pretrained(builtin_model_root(StableDiffusionAdapter()), safety_checker=None)
@@ -112,10 +161,23 @@ def test_sd_saves_both_loras_in_one_file_that_diffusers_loads(tmp_path, autospli
 
 
 def test_stage1_batches_keep_the_cached_prompt_whole(tmp_path, tiny_model, tiny_dataset):
-    from autosplit.cache import CacheReader
+    from autosplit.storage.cache import CacheReader
 
-    assert main(["run", "--task", "sft:data_process", "--output_path", str(tmp_path / "c"), *BOTH,
-                 "--set", "cache.batch_size=3"]) == 0
+    assert (
+        main(
+            [
+                "run",
+                "--task",
+                "sft:data_process",
+                "--output_path",
+                str(tmp_path / "c"),
+                *BOTH,
+                "--set",
+                "cache.batch_size=3",
+            ]
+        )
+        == 0
+    )
     reader = CacheReader(tmp_path / "c")
     prompts = [bytes(reader.read(i)["prompt"].numpy().tobytes()).decode() for i in range(len(reader))]
     assert all(p.startswith("a ") and " on a " in p for p in prompts)  # whole captions, not token-trimmed

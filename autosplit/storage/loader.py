@@ -2,7 +2,10 @@
 
 The order of an epoch is a pure function of (seed, epoch): a seeded permutation of the shards
 (groups of `shard_size` samples of one shape bucket, as the cache stores them), samples shuffled
-inside windows of a few shards, `repeat` times over, then batches formed inside shape buckets. Split and unsplit runs use the
+inside windows of a few shards, `repeat` times over, then batches formed inside shape buckets:
+each bucket fills its batch in epoch order and a batch is cut when full, so only a bucket's last
+batch of an epoch may be short (with aspect-ratio buckets, `data.buckets = "aspect"`, images of
+different sizes share buckets and so fill batches). Split and unsplit runs use the
 same order, which is what lets them learn the same weights. The loader reads and collates
 batches in background threads into a bounded queue, ahead of the trainer; its state is
 (epoch, batches consumed, world size), so a resumed run continues the same sequence.
@@ -17,9 +20,9 @@ from __future__ import annotations
 import collections
 import queue
 import threading
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
-from typing import Any, Callable, Hashable, Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,11 +34,19 @@ def shard_groups(bucket_of: Sequence[Hashable], shard_size: int) -> list[list[in
     groups: dict[Hashable, list[int]] = {}
     for i, key in enumerate(bucket_of):
         groups.setdefault(key, []).append(i)
-    return [idx[lo:lo + shard_size] for idx in groups.values() for lo in range(0, len(idx), shard_size)]
+    return [idx[lo : lo + shard_size] for idx in groups.values() for lo in range(0, len(idx), shard_size)]
 
 
-def epoch_order(shards: list[list[int]], *, seed: int, epoch: int, repeat: int = 1, window: int = 4,
-                rank: int = 0, world_size: int = 1) -> list[int]:
+def epoch_order(
+    shards: list[list[int]],
+    *,
+    seed: int,
+    epoch: int,
+    repeat: int = 1,
+    window: int = 4,
+    rank: int = 0,
+    world_size: int = 1,
+) -> list[int]:
     """The sample order of one epoch on one rank: for each repeat, a seeded permutation of the shards
     (the same on every rank), rank r taking every world_size-th shard, then samples shuffled inside
     windows of `window` consecutive shards. Reads stay within a few shards at a time."""
@@ -45,7 +56,7 @@ def epoch_order(shards: list[list[int]], *, seed: int, epoch: int, repeat: int =
         mine = perm[rank::world_size]
         shuffle = np.random.default_rng(np.random.SeedSequence([seed, epoch, r, rank + 1]))
         for lo in range(0, len(mine), window):
-            samples = [i for s in mine[lo:lo + window] for i in shards[s]]
+            samples = [i for s in mine[lo : lo + window] for i in shards[s]]
             order += [samples[j] for j in shuffle.permutation(len(samples))]
     return order
 
@@ -64,8 +75,18 @@ def _batches_of(order: list[int], bucket_of: Sequence[Hashable], batch_size: int
     return batches
 
 
-def epoch_batches(bucket_of: Sequence[Hashable], *, batch_size: int, seed: int, epoch: int, repeat: int = 1,
-                  shard_size: int = 64, window: int = 4, rank: int = 0, world_size: int = 1) -> list[list[int]]:
+def epoch_batches(
+    bucket_of: Sequence[Hashable],
+    *,
+    batch_size: int,
+    seed: int,
+    epoch: int,
+    repeat: int = 1,
+    shard_size: int = 64,
+    window: int = 4,
+    rank: int = 0,
+    world_size: int = 1,
+) -> list[list[int]]:
     """The batches (lists of sample indices) of one epoch on `rank`; each batch holds one shape bucket.
 
     A pure function of its arguments. Every rank gets the same number of batches: ranks with more
@@ -74,18 +95,26 @@ def epoch_batches(bucket_of: Sequence[Hashable], *, batch_size: int, seed: int, 
     shards = shard_groups(bucket_of, shard_size)
 
     def of_rank(r: int) -> list[list[int]]:
-        order = epoch_order(shards, seed=seed, epoch=epoch, repeat=repeat, window=window, rank=r,
-                            world_size=world_size)
+        order = epoch_order(shards, seed=seed, epoch=epoch, repeat=repeat, window=window, rank=r, world_size=world_size)
         return _batches_of(order, bucket_of, batch_size)
 
     mine = of_rank(rank)
     if world_size > 1:
-        mine = mine[:min(len(of_rank(r)) for r in range(world_size))]
+        mine = mine[: min(len(of_rank(r)) for r in range(world_size))]
     return mine
 
 
-def remaining_batches(bucket_of: Sequence[Hashable], *, history: Sequence[Sequence[int]], batch_size: int, seed: int,
-                      epoch: int, repeat: int = 1, shard_size: int = 64, window: int = 4) -> list[list[int]]:
+def remaining_batches(
+    bucket_of: Sequence[Hashable],
+    *,
+    history: Sequence[Sequence[int]],
+    batch_size: int,
+    seed: int,
+    epoch: int,
+    repeat: int = 1,
+    shard_size: int = 64,
+    window: int = 4,
+) -> list[list[int]]:
     """The batches of `epoch` no rank had reached when the world size last changed, in a global order.
 
     `history` lists the (world_size, batches consumed per rank) of each stretch of the epoch run
@@ -94,8 +123,20 @@ def remaining_batches(bucket_of: Sequence[Hashable], *, history: Sequence[Sequen
     The remainder interleaves the ranks' unreached batches (rank 0's next, rank 1's next, ...).
     """
     (world, done), *later = history
-    per_rank = [epoch_batches(bucket_of, batch_size=batch_size, seed=seed, epoch=epoch, repeat=repeat,
-                              shard_size=shard_size, window=window, rank=r, world_size=world) for r in range(world)]
+    per_rank = [
+        epoch_batches(
+            bucket_of,
+            batch_size=batch_size,
+            seed=seed,
+            epoch=epoch,
+            repeat=repeat,
+            shard_size=shard_size,
+            window=window,
+            rank=r,
+            world_size=world,
+        )
+        for r in range(world)
+    ]
     left = _interleave([b[done:] for b in per_rank])
     for world, done in later:
         left = _interleave([deal(left, rank=r, world_size=world)[done:] for r in range(world)])
@@ -105,7 +146,7 @@ def remaining_batches(bucket_of: Sequence[Hashable], *, history: Sequence[Sequen
 def deal(batches: list[list[int]], *, rank: int, world_size: int) -> list[list[int]]:
     """Rank `rank`'s share of `batches`: every world_size-th one, all ranks cut to the same count
     (the last `len(batches) % world_size` batches are dropped, as DDP needs equal counts)."""
-    return batches[rank::world_size][:len(batches) // world_size]
+    return batches[rank::world_size][: len(batches) // world_size]
 
 
 def _interleave(per_rank: list[list[list[int]]]) -> list[list[int]]:
@@ -128,43 +169,6 @@ def collate(samples: list[Mapping[str, Any]], ragged: Mapping[str, int]) -> dict
             longest = max(t.shape[axis] for t in items)
             items = [_pad_axis(t, axis, longest) for t in items]
         batch[name] = torch.stack(items)
-    return batch
-
-
-#: cap of a text source (prompt, path) cached for stage 2, in UTF-8 bytes
-MAX_SOURCE_BYTES = 1 << 16
-
-
-def encode_source(value: Any) -> torch.Tensor:
-    """A dataset source value (prompt, sample id, size, ...) as a tensor the cache can hold: text as
-    UTF-8 bytes (uint8), integers and integer tuples as int64, floats as float64."""
-    if isinstance(value, torch.Tensor):
-        return value
-    if isinstance(value, (str, Path)):
-        return torch.frombuffer(bytearray(str(value).encode()), dtype=torch.uint8) if str(value) else torch.zeros(
-            0, dtype=torch.uint8)
-    if isinstance(value, float):
-        return torch.tensor(value, dtype=torch.float64)
-    if isinstance(value, (bool, int, np.integer)):
-        return torch.tensor(int(value), dtype=torch.int64)
-    if isinstance(value, (tuple, list)) and all(isinstance(v, (int, np.integer)) for v in value):
-        return torch.tensor([int(v) for v in value], dtype=torch.int64)
-    raise TypeError(f"cannot cache a dataset value of type {type(value).__name__}")
-
-
-def decode_sources(batch: dict[str, Any], names: Iterable[str]) -> dict[str, Any]:
-    """The inverse of `encode_source` on a collated batch: each source in `names` becomes the list
-    of per-sample Python values the units read."""
-    for name in names:
-        t = batch.get(name)
-        if not isinstance(t, torch.Tensor):
-            continue
-        if t.dtype == torch.uint8:
-            batch[name] = [bytes(row.numpy().tobytes()).rstrip(b"\0").decode() for row in t]
-        elif t.dim() == 1:
-            batch[name] = t.tolist()
-        else:
-            batch[name] = [tuple(row) for row in t.tolist()]
     return batch
 
 
@@ -199,11 +203,24 @@ class PrefetchLoader:
     the trainer's thread at the batch where they happened.
     """
 
-    def __init__(self, read_sample: Callable[[int], Mapping[str, Any]], bucket_of: Sequence[Hashable], *,
-                 make_batch: Callable[[list[Mapping[str, Any]]], Any], batch_size: int, seed: int,
-                 repeat: int = 1, num_workers: int = 2, prefetch: int = 4, shard_size: int = 64, window: int = 4,
-                 rank: int = 0, world_size: int = 1, pin_memory: bool = False,
-                 submit_batch: Callable[[list[int]], Any] | None = None):
+    def __init__(
+        self,
+        read_sample: Callable[[int], Mapping[str, Any]],
+        bucket_of: Sequence[Hashable],
+        *,
+        make_batch: Callable[[list[Mapping[str, Any]]], Any],
+        batch_size: int,
+        seed: int,
+        repeat: int = 1,
+        num_workers: int = 2,
+        prefetch: int = 4,
+        shard_size: int = 64,
+        window: int = 4,
+        rank: int = 0,
+        world_size: int = 1,
+        pin_memory: bool = False,
+        submit_batch: Callable[[list[int]], Any] | None = None,
+    ):
         self.read_sample, self.bucket_of, self.make_batch = read_sample, list(bucket_of), make_batch
         self.batch_size, self.seed, self.repeat = batch_size, seed, repeat
         self.num_workers, self.prefetch, self.pin_memory = num_workers, prefetch, pin_memory
@@ -217,8 +234,14 @@ class PrefetchLoader:
 
     def batches(self, epoch: int) -> list[list[int]]:
         """This rank's batches of `epoch` (of its remainder, if the world size changed during it)."""
-        kwargs = dict(batch_size=self.batch_size, seed=self.seed, epoch=epoch, repeat=self.repeat,
-                      shard_size=self.shard_size, window=self.window)
+        kwargs = dict(
+            batch_size=self.batch_size,
+            seed=self.seed,
+            epoch=epoch,
+            repeat=self.repeat,
+            shard_size=self.shard_size,
+            window=self.window,
+        )
         if self.history and epoch == self.epoch:
             left = remaining_batches(self.bucket_of, history=self.history, **kwargs)
             return deal(left, rank=self.rank, world_size=self.world_size)
@@ -228,9 +251,16 @@ class PrefetchLoader:
         return len(self.batches(self.epoch))
 
     def state_dict(self) -> dict[str, Any]:
-        return {"seed": self.seed, "epoch": self.epoch, "position": self.position, "batch_size": self.batch_size,
-                "repeat": self.repeat, "num_samples": len(self.bucket_of), "world_size": self.world_size,
-                "history": [list(h) for h in self.history]}
+        return {
+            "seed": self.seed,
+            "epoch": self.epoch,
+            "position": self.position,
+            "batch_size": self.batch_size,
+            "repeat": self.repeat,
+            "num_samples": len(self.bucket_of),
+            "world_size": self.world_size,
+            "history": [list(h) for h in self.history],
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Continue from `state`; raises ValueError if it was saved for another sequence.
@@ -257,6 +287,7 @@ class PrefetchLoader:
 
     def _produce(self, todo: list[list[int]], ready: queue.Queue, stop: threading.Event) -> None:
         with ThreadPoolExecutor(self.num_workers, thread_name_prefix="autosplit-read") as pool:
+
             def submit(indices: list[int]) -> Any:
                 if self.submit_batch is not None:
                     return self.submit_batch(indices)
@@ -290,11 +321,12 @@ class PrefetchLoader:
         """Yield the batches of `epoch`, starting at the saved position if resuming that epoch."""
         if epoch != self.epoch:
             self.epoch, self.position, self.history = epoch, 0, []
-        todo = self.batches(epoch)[self.position:]
+        todo = self.batches(epoch)[self.position :]
         ready: queue.Queue = queue.Queue(maxsize=self.prefetch)
         stop = threading.Event()
-        thread = threading.Thread(target=self._produce, args=(todo, ready, stop), name="autosplit-prefetch",
-                                  daemon=True)
+        thread = threading.Thread(
+            target=self._produce, args=(todo, ready, stop), name="autosplit-prefetch", daemon=True
+        )
         thread.start()
         try:
             for indices in todo:

@@ -27,15 +27,19 @@ def resolve_hub_id(spec: str) -> Path:
     Hugging Face cache, without network access."""
     repo_ids = sorted({item.split(":", 1)[0].strip() for item in spec.split(",") if item.strip()})
     if len(repo_ids) != 1:
-        raise ConfigError(f"--model_id_with_origin_paths names {repo_ids}; autosplit loads one pipeline folder, "
-                          f"pass it with --model_paths")
+        raise ConfigError(
+            f"--model_id_with_origin_paths names {repo_ids}; autosplit loads one pipeline folder, "
+            f"pass it with --model_paths"
+        )
     try:
         from huggingface_hub import snapshot_download
 
         return Path(snapshot_download(repo_ids[0], local_files_only=True))
     except Exception as exc:
-        raise ModelError(f"--model_id_with_origin_paths: {repo_ids[0]} is not in the local Hugging Face cache "
-                         f"and autosplit never downloads; download it first or pass --model_paths DIR") from exc
+        raise ModelError(
+            f"--model_id_with_origin_paths: {repo_ids[0]} is not in the local Hugging Face cache "
+            f"and autosplit never downloads; download it first or pass --model_paths DIR"
+        ) from exc
 
 
 def fingerprint_component(root: Path, name: str) -> str:
@@ -70,8 +74,9 @@ def quiet_library_progress() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
-def load_components(adapter: Adapter, root: Path, names: list[str], *, device: torch.device,
-                    dtype: torch.dtype) -> dict[str, Any]:
+def load_components(
+    adapter: Adapter, root: Path, names: list[str], *, device: torch.device, dtype: torch.dtype
+) -> dict[str, Any]:
     """Load the named components, frozen (requires_grad off) and in eval mode."""
     quiet_library_progress()
     components = {}

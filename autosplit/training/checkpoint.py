@@ -51,8 +51,9 @@ def latest_checkpoint(output: Path) -> Path | None:
     root = checkpoint_root(output)
     if not root.is_dir():
         return None
-    found = [(int(m.group(1)), p) for p in root.iterdir()
-             if (m := _STEP_DIR.match(p.name)) and (p / "state.json").is_file()]
+    found = [
+        (int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and (p / "state.json").is_file()
+    ]
     return max(found)[1] if found else None
 
 
@@ -80,8 +81,7 @@ def _rng_tensors() -> dict[str, torch.Tensor]:
     return states
 
 
-def save_checkpoint(output: Path, *, model: torch.nn.Module, optimizer: Any, state: TrainState,
-                    keep: int) -> Path:
+def save_checkpoint(output: Path, *, model: torch.nn.Module, optimizer: Any, state: TrainState, keep: int) -> Path:
     """Write `output/checkpoints/step-<state.step>/` atomically; keep the newest `keep` checkpoints."""
     root = checkpoint_root(output)
     final = root / f"step-{state.step}"
@@ -115,8 +115,10 @@ def load_checkpoint(path: Path, *, model: torch.nn.Module, optimizer: Any, setti
     saved = {k: v for k, v in state.settings.items() if k != "world_size"}  # older checkpoints pinned it
     changed = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
     if changed:
-        raise CheckpointError(f"{path} was saved with other settings (changed: {', '.join(changed)}); "
-                              f"resume with the same settings or drop --resume and use a new --output_path")
+        raise CheckpointError(
+            f"{path} was saved with other settings (changed: {', '.join(changed)}); "
+            f"resume with the same settings or drop --resume and use a new --output_path"
+        )
     _load_weights(path / "weights.safetensors", model)
     tensors = load_file(path / "optimizer.safetensors")
     meta = json.loads((path / "optimizer.json").read_text())
@@ -135,8 +137,10 @@ def _load_weights(file: Path, model: torch.nn.Module) -> None:
     mine = {n for n, p in params.items() if p.requires_grad}
     if set(saved) != mine:
         diff = sorted(set(saved) ^ mine)[:3]
-        raise CheckpointError(f"{file} holds other trainable weights than this run (e.g. {diff}); resume with the "
-                              f"same --lora_* settings or drop --resume")
+        raise CheckpointError(
+            f"{file} holds other trainable weights than this run (e.g. {diff}); resume with the "
+            f"same --lora_* settings or drop --resume"
+        )
     with torch.no_grad():
         for name, value in saved.items():
             params[name].copy_(value)

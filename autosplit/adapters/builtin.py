@@ -11,10 +11,11 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from autosplit.adapters.base import Adapter
+from autosplit.config import autosplit_home
 from autosplit.data import write_synthetic_dataset, write_synthetic_videos
 
 log = logging.getLogger(__name__)
@@ -23,10 +24,6 @@ BUILTIN_VERSION = "v1"
 #: the built-in direct-distillation example: the teacher's steps, the student's steps, the prompts
 TEACHER_STEPS, STUDENT_STEPS = 16, 2
 DISTILL_PROMPTS = ("a red circle on a blue background", "green stripes", "a yellow checkerboard", "a sunset")
-
-
-def autosplit_home() -> Path:
-    return Path(os.environ.get("AUTOSPLIT_HOME", Path.home() / ".cache" / "autosplit"))
 
 
 def _materialize(root: Path, marker: str, write: Callable[[Path], object]) -> Path:
@@ -61,8 +58,9 @@ def builtin_dataset_root(media: str = "image") -> Path:
 def builtin_distill_root(adapter: Adapter, model_root: Path) -> Path:
     """The built-in direct-distillation dataset of `adapter`'s tiny pipeline (written on first use)."""
     root = autosplit_home() / "builtin" / f"distill-{adapter.name}-{BUILTIN_VERSION}"
-    return _materialize(root, "metadata.csv", lambda p: write_distill_dataset(p, adapter=adapter,
-                                                                              model_root=model_root))
+    return _materialize(
+        root, "metadata.csv", lambda p: write_distill_dataset(p, adapter=adapter, model_root=model_root)
+    )
 
 
 def write_distill_dataset(root: Path, *, adapter: Adapter, model_root: Path, size: int = 64) -> Path:
@@ -82,8 +80,15 @@ def write_distill_dataset(root: Path, *, adapter: Adapter, model_root: Path, siz
     guidance = {"guidance_scale": 1.0} if getattr(pipe.transformer.config, "guidance_embeds", False) else {}
     rows = []
     for seed, prompt in enumerate(DISTILL_PROMPTS):
-        image = pipe(prompt, height=size, width=size, num_inference_steps=TEACHER_STEPS, output_type="pil",
-                     generator=torch.Generator("cpu").manual_seed(seed), **guidance).images[0]
+        image = pipe(
+            prompt,
+            height=size,
+            width=size,
+            num_inference_steps=TEACHER_STEPS,
+            output_type="pil",
+            generator=torch.Generator("cpu").manual_seed(seed),
+            **guidance,
+        ).images[0]
         image.save(root / f"{seed:04d}.png")
         rows.append((f"{seed:04d}.png", prompt, seed, "cpu", STUDENT_STEPS, 1.0))
     with (root / "metadata.csv").open("w", newline="", encoding="utf-8") as f:

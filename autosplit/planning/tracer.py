@@ -24,149 +24,33 @@ from __future__ import annotations
 import gc
 import time
 import weakref
+from collections.abc import Iterator, Mapping
 from contextlib import ExitStack, contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field
-from typing import Any, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
-from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sdpa_flop_count, shape_wrapper
+from torch.utils.flop_counter import (
+    flop_registry,
+    sdpa_backward_flop_count,
+    sdpa_flop_count,
+    shape_wrapper,
+)
 
 from autosplit.graph import Unit, UnitContext, UnitGraph
+from autosplit.planning.profile import (
+    ComponentProfile,
+    FissionProfile,
+    Profile,
+    StepProfile,
+    UnitProfile,
+    ValueProfile,
+)
 
-PROFILE_FORMAT_VERSION = 1
 RANDOM = "@random"  # taint label: derived from a per-step random draw
 ALIGN = 512  # the CUDA caching allocator rounds every block to 512 bytes
-
-
-@dataclass(frozen=True)
-class ValueProfile:
-    """One output of a unit, per batch as profiled."""
-
-    name: str
-    shape: tuple[int, ...]
-    dtype: str
-    bytes: int
-    needs_grad: bool
-    #: computed from a per-step random draw (in this unit or upstream)
-    random: bool
-    #: the unit's inputs this output was computed from (traced through tensor ops; non-tensor
-    #: inputs such as strings are assumed to reach every output)
-    depends_on: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class FissionProfile:
-    """The random part of a unit whose other outputs are cacheable (see autosplit.fission).
-
-    `frontier` are the clean tensors the random part reads (cached per sample if the unit is
-    split), `reads` the clean outputs it reads; peak, FLOPs and seconds are of its replay.
-    `problem` says why it cannot be replayed (the unit then stays whole in stage 2).
-    """
-
-    dirty_outputs: tuple[str, ...]
-    reads: tuple[str, ...]
-    frontier: tuple[ValueProfile, ...]
-    graph_bytes: int
-    ops: int
-    peak_bytes: int
-    flops: int
-    seconds: float
-    problem: str | None = None
-
-
-@dataclass(frozen=True)
-class UnitProfile:
-    name: str
-    components: tuple[str, ...]
-    #: peak bytes allocated while the unit ran, above what existed before it (its inputs)
-    peak_bytes: int
-    flops: int
-    seconds: float
-    outputs: tuple[ValueProfile, ...]
-    needs_grad: bool
-    #: ops that drew from the per-step generator or the global RNG
-    random_ops: tuple[str, ...]
-    #: ops that drew from another generator (seeded from the sample): deterministic
-    seeded_random_ops: tuple[str, ...]
-    #: set when some outputs are random and others are not
-    fission: FissionProfile | None = None
-
-    @property
-    def draws_random(self) -> bool:
-        return bool(self.random_ops)
-
-
-@dataclass(frozen=True)
-class ComponentProfile:
-    name: str
-    frozen_bytes: int
-    trainable_bytes: int
-    num_params: int
-
-
-@dataclass(frozen=True)
-class StepProfile:
-    """One training step (forward + backward) of the units that need gradients."""
-
-    units: tuple[str, ...]
-    peak_bytes: int
-    flops: int
-    seconds: float
-    reserved_peak_bytes: int | None = None
-
-
-@dataclass(frozen=True)
-class Profile:
-    pipeline: str
-    task: str
-    mode: str  # "cpu", "cuda" or "fake"
-    batch_size: int
-    units: tuple[UnitProfile, ...]
-    components: tuple[ComponentProfile, ...]
-    grad_step: StepProfile
-    notes: dict[str, Any] = field(default_factory=dict)
-    version: int = PROFILE_FORMAT_VERSION
-
-    def unit(self, name: str) -> UnitProfile:
-        return next(u for u in self.units if u.name == name)
-
-    def component(self, name: str) -> ComponentProfile | None:
-        return next((c for c in self.components if c.name == name), None)
-
-    def value(self, name: str) -> ValueProfile:
-        """An output of a unit, or a frontier tensor of a unit's random part."""
-        return next(v for u in self.units for v in (*u.outputs, *(u.fission.frontier if u.fission else ()))
-                    if v.name == name)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "Profile":
-        def unit(u: Mapping[str, Any]) -> UnitProfile:
-            outputs = tuple(value(v) for v in u["outputs"])
-            return UnitProfile(**{**u, "components": tuple(u["components"]), "outputs": outputs,
-                                  "random_ops": tuple(u["random_ops"]),
-                                  "seeded_random_ops": tuple(u["seeded_random_ops"]),
-                                  "fission": fission(u.get("fission"))})
-
-        def value(v: Mapping[str, Any]) -> ValueProfile:
-            return ValueProfile(**{**v, "shape": tuple(v["shape"]), "depends_on": tuple(v["depends_on"])})
-
-        def fission(f: Mapping[str, Any] | None) -> FissionProfile | None:
-            if f is None:
-                return None
-            return FissionProfile(**{**f, "dirty_outputs": tuple(f["dirty_outputs"]), "reads": tuple(f["reads"]),
-                                     "frontier": tuple(value(v) for v in f["frontier"])})
-
-        step = data["grad_step"]
-        return cls(pipeline=data["pipeline"], task=data["task"], mode=data["mode"], batch_size=data["batch_size"],
-                   units=tuple(unit(u) for u in data["units"]),
-                   components=tuple(ComponentProfile(**c) for c in data["components"]),
-                   grad_step=StepProfile(**{**step, "units": tuple(step["units"])}),
-                   notes=dict(data.get("notes", {})), version=data["version"])
 
 
 def _aligned(nbytes: int) -> int:
@@ -191,11 +75,12 @@ class _Tracer(TorchDispatchMode):
         super().__init__()
         self.track_memory = track_memory
         # generators that change every step: the step generator and the global default ones
-        self.global_generators = {torch.default_generator._cdata}
+        # (`_cdata` identifies a generator object; torch has no public id for it)
+        self.global_generators = {torch.default_generator._cdata}  # type: ignore[attr-defined]
         if step_generator is not None:
-            self.global_generators.add(step_generator._cdata)
+            self.global_generators.add(step_generator._cdata)  # type: ignore[attr-defined]
         if torch.cuda.is_available():
-            self.global_generators |= {g._cdata for g in torch.cuda.default_generators}
+            self.global_generators |= {g._cdata for g in torch.cuda.default_generators}  # type: ignore[attr-defined]
         self.live = self.peak = 0
         self.sizes: dict[int, int] = {}
         self.taint: dict[int, frozenset[str]] = {}
@@ -242,7 +127,8 @@ class _Tracer(TorchDispatchMode):
                 input_keys.add(key)
                 label |= self.taint.get(key, frozenset())
         if torch.Tag.nondeterministic_seeded in func.tags and (
-                "scaled_dot_product" not in func.__name__ or _dropout_p(func, args, kwargs) > 0):
+            "scaled_dot_product" not in func.__name__ or _dropout_p(func, args, kwargs) > 0
+        ):
             generator = kwargs.get("generator")
             if generator is None or generator._cdata in self.global_generators:
                 self.random_ops.append(func.__name__)
@@ -268,8 +154,10 @@ def _cpu_attention_flops() -> dict[Any, Any]:
     def backward(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
         return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
 
-    return {aten._scaled_dot_product_flash_attention_for_cpu: shape_wrapper(forward),
-            aten._scaled_dot_product_flash_attention_for_cpu_backward: shape_wrapper(backward)}
+    return {
+        aten._scaled_dot_product_flash_attention_for_cpu: shape_wrapper(forward),
+        aten._scaled_dot_product_flash_attention_for_cpu_backward: shape_wrapper(backward),
+    }
 
 
 _FLOP_FORMULAS = {**flop_registry, **_cpu_attention_flops()}
@@ -347,27 +235,37 @@ def _value_profile(name: str, value: Any, tracer: _Tracer, unit: Unit, values: M
     )
 
 
-def profile_unit(unit: Unit, values: Mapping[str, Any], ctx: UnitContext,
-                 random_inputs: set[str]) -> tuple[UnitProfile, dict[str, Any]]:
+def profile_unit(
+    unit: Unit, values: Mapping[str, Any], ctx: UnitContext, random_inputs: set[str]
+) -> tuple[UnitProfile, dict[str, Any]]:
     """Run `unit` once, measured. `random_inputs` are input names already derived from per-step
     random draws (their randomness propagates to outputs computed from them)."""
     with _measure(ctx.device, ctx.generator) as m:
+        tracing = m.tracer
+        assert tracing is not None  # _measure always traces
         for name in unit.inputs:
             for t in _tensors(values[name]):
-                m.tracer.label(t, name)
+                tracing.label(t, name)
                 if name in random_inputs:
-                    m.tracer.label(t, RANDOM)
+                    tracing.label(t, RANDOM)
         out = unit(values, ctx)
     tracer = m.tracer
+    assert tracer is not None  # _measure always traces
     outputs = tuple(_value_profile(name, out[name], tracer, unit, values) for name in unit.outputs)
     random = [v for v in outputs if v.random]
     split = None
     if random and not random_inputs & set(unit.inputs) and not any(v.needs_grad for v in outputs):
         split = _profile_fission(unit, values, ctx)
     profile = UnitProfile(
-        name=unit.name, components=unit.components, peak_bytes=m.peak_bytes, flops=m.flops, seconds=m.seconds,
-        outputs=outputs, needs_grad=any(v.needs_grad for v in outputs),
-        random_ops=tuple(sorted(set(tracer.random_ops))), seeded_random_ops=tuple(sorted(set(tracer.seeded_ops))),
+        name=unit.name,
+        components=unit.components,
+        peak_bytes=m.peak_bytes,
+        flops=m.flops,
+        seconds=m.seconds,
+        outputs=outputs,
+        needs_grad=any(v.needs_grad for v in outputs),
+        random_ops=tuple(sorted(set(tracer.random_ops))),
+        seeded_random_ops=tuple(sorted(set(tracer.seeded_ops))),
         fission=split,
     )
     return profile, out
@@ -375,21 +273,39 @@ def profile_unit(unit: Unit, values: Mapping[str, Any], ctx: UnitContext,
 
 def _profile_fission(unit: Unit, values: Mapping[str, Any], ctx: UnitContext) -> FissionProfile:
     """Run `unit` again under the fission recorder, then measure the replay of its random part."""
-    from autosplit.fission import frontier_name, record, replay
+    from autosplit.planning.fission import frontier_name, record, replay
 
     batch = next((len(v) for v in values.values() if isinstance(v, list)), 1)
     out, rec = record(unit, values, ctx)
-    frontier = tuple(ValueProfile(frontier_name(unit.name, k), (1, *t.shape), str(t.dtype).removeprefix("torch."),
-                                  t.numel() * t.element_size() * batch, False, False, unit.inputs)
-                     for k, t in enumerate(rec.frontier))
+    frontier = tuple(
+        ValueProfile(
+            frontier_name(unit.name, k),
+            (1, *t.shape),
+            str(t.dtype).removeprefix("torch."),
+            t.numel() * t.element_size() * batch,
+            False,
+            False,
+            unit.inputs,
+        )
+        for k, t in enumerate(rec.frontier)
+    )
     peak = flops = 0
     seconds = 0.0
     if rec.problem is None:
         with _measure(ctx.device, ctx.generator) as m:
             replay(rec.graph, rec.frontier, {n: out[n] for n in rec.reads}, ctx)
         peak, flops, seconds = m.peak_bytes, m.flops, m.seconds
-    return FissionProfile(rec.dirty_outputs, rec.reads, frontier, len(rec.graph_bytes()), len(rec.graph["ops"]),
-                          peak, flops, seconds, rec.problem)
+    return FissionProfile(
+        rec.dirty_outputs,
+        rec.reads,
+        frontier,
+        len(rec.graph_bytes()),
+        len(rec.graph["ops"]),
+        peak,
+        flops,
+        seconds,
+        rec.problem,
+    )
 
 
 def component_profiles(components: Mapping[str, Any]) -> tuple[ComponentProfile, ...]:
@@ -404,20 +320,30 @@ def component_profiles(components: Mapping[str, Any]) -> tuple[ComponentProfile,
     return tuple(profiles)
 
 
-def profile_graph(graph: UnitGraph, batch: Mapping[str, Any], ctx: UnitContext, *, pipeline: str, task: str,
-                  fake_mode: Any = None) -> Profile:
+def profile_graph(
+    graph: UnitGraph, batch: Mapping[str, Any], ctx: UnitContext, *, pipeline: str, task: str, fake_mode: Any = None
+) -> Profile:
     """Profile every unit of `graph` on `batch`, then one forward+backward step of the units
     whose outputs need gradients. Components in `ctx` must already be on `ctx.device` (fake ones
     built inside `fake_mode`), with trainable parameters marked `requires_grad`."""
     with fake_mode if fake_mode is not None else nullcontext():
-        profile, _ = trace_graph(graph, batch, ctx, pipeline=pipeline, task=task,
-                                 mode="fake" if fake_mode is not None else ctx.device.type)
+        profile, _ = trace_graph(
+            graph, batch, ctx, pipeline=pipeline, task=task, mode="fake" if fake_mode is not None else ctx.device.type
+        )
     return profile
 
 
-def trace_graph(graph: UnitGraph, batch: Mapping[str, Any], ctx: UnitContext, *, pipeline: str, task: str,
-                mode: str, reuse: tuple[Profile, Mapping[str, Any]] | None = None,
-                retrace: set[str] | None = None) -> tuple[Profile, dict[str, Any]]:
+def trace_graph(
+    graph: UnitGraph,
+    batch: Mapping[str, Any],
+    ctx: UnitContext,
+    *,
+    pipeline: str,
+    task: str,
+    mode: str,
+    reuse: tuple[Profile, Mapping[str, Any]] | None = None,
+    retrace: set[str] | None = None,
+) -> tuple[Profile, dict[str, Any]]:
     """`profile_graph` inside an active (fake) mode. With `reuse` (an earlier trace and its values),
     only the units in `retrace` and the gradient step are traced again; the others keep their
     profiles and outputs."""
@@ -437,9 +363,16 @@ def trace_graph(graph: UnitGraph, batch: Mapping[str, Any], ctx: UnitContext, *,
         step = _profile_grad_step(graph, grad_units, values, ctx)
         components = component_profiles(ctx.components)
     batch_size = next((len(v) for v in batch.values() if isinstance(v, list)), 1)
-    profile = Profile(pipeline=pipeline, task=task, mode=mode, batch_size=batch_size, units=tuple(units),
-                      components=components, grad_step=step)
-    return profile, values
+    whole = Profile(
+        pipeline=pipeline,
+        task=task,
+        mode=mode,
+        batch_size=batch_size,
+        units=tuple(units),
+        components=components,
+        grad_step=step,
+    )
+    return whole, values
 
 
 @contextmanager
@@ -458,8 +391,9 @@ def _unit_needs_grad(name: str, units: list[UnitProfile]) -> bool:
     return next(u for u in units if u.name == name).needs_grad
 
 
-def _profile_grad_step(graph: UnitGraph, grad_units: list[Unit], values: dict[str, Any],
-                       ctx: UnitContext) -> StepProfile:
+def _profile_grad_step(
+    graph: UnitGraph, grad_units: list[Unit], values: dict[str, Any], ctx: UnitContext
+) -> StepProfile:
     """Forward + backward of the gradient-carrying units, inputs detached as a cache would give them."""
     produced = {v for u in grad_units for v in u.outputs}
     inputs = {}
@@ -500,14 +434,14 @@ def fake_safe_module_to() -> Iterator[None]:
                         continue
                     if isinstance(tensor, torch.nn.Parameter):
                         converted = torch.nn.Parameter(converted, requires_grad=tensor.requires_grad)
-                    store[name] = converted
+                    store[name] = converted  # type: ignore[assignment]
         return self
 
-    torch.nn.Module.to = to
+    torch.nn.Module.to = to  # type: ignore[method-assign,assignment]
     try:
         yield
     finally:
-        torch.nn.Module.to = original
+        torch.nn.Module.to = original  # type: ignore[method-assign]
 
 
 @contextmanager

@@ -169,10 +169,10 @@ def solve_mincut(problem: CutProblem) -> frozenset[str]:
             g.add(("component", name), ("unit", user), INF)  # a stage-2 user makes it resident
     ids = count()
     for producer, consumers, batch_bytes, sample_bytes in problem.values.values():
-        node = ("value", next(ids))
-        g.add(("unit", producer), node, w_mem * batch_bytes + sample_bytes)  # cut when it crosses
+        value_node: object = ("value", next(ids))
+        g.add(("unit", producer), value_node, w_mem * batch_bytes + sample_bytes)  # cut when it crosses
         for consumer in consumers:
-            g.add(node, ("unit", consumer), INF)
+            g.add(value_node, ("unit", consumer), INF)
     g.max_flow(s, t)
     stage2 = g.can_reach(t)
     return frozenset(u for u in problem.units if ("unit", u) not in stage2)

@@ -34,7 +34,7 @@ def local_path(location: str | Path) -> Path:
         return Path(urlparse(text).path)
     if not is_remote(text):
         return Path(text)
-    from autosplit.builtin import autosplit_home
+    from autosplit.config import autosplit_home
 
     digest = hashlib.sha256(text.encode()).hexdigest()[:16]
     return autosplit_home() / "staging" / digest
@@ -46,8 +46,10 @@ def _filesystem(url: str):
 
         return fsspec.core.url_to_fs(url)
     except (ImportError, ValueError) as exc:
-        raise CacheError(f"cache URL {url}: no fsspec filesystem for it ({exc}); install the fsspec backend "
-                         f"for that scheme or use a local folder") from exc
+        raise CacheError(
+            f"cache URL {url}: no fsspec filesystem for it ({exc}); install the fsspec backend "
+            f"for that scheme or use a local folder"
+        ) from exc
 
 
 def upload(local: Path, url: str) -> None:
@@ -64,8 +66,10 @@ def fetch(url: str) -> Path:
     local = local_path(url)
     fs, path = _filesystem(url)
     if not fs.exists(f"{path}/zarr.json"):
-        raise CacheError(f"{url} is not an autosplit cache (no zarr.json there); run stage 1 "
-                         f"(--task sft:data_process) with --output_path {url}")
+        raise CacheError(
+            f"{url} is not an autosplit cache (no zarr.json there); run stage 1 "
+            f"(--task sft:data_process) with --output_path {url}"
+        )
     remote_manifest = json.loads(fs.cat_file(f"{path}/zarr.json"))
     staged = local / "zarr.json"
     if staged.is_file() and json.loads(staged.read_text()) == remote_manifest:

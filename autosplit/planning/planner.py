@@ -1,0 +1,729 @@
+"""Plans: which units run in stage 1, which in stage 2, and which values cross the cut.
+
+A plan is data. `autosplit run` executes a plan and nothing else decides (docs/algorithm.md).
+
+Constraints: a unit may run in stage 1 only if it uses no trainable component, none of its
+outputs needs gradients, it draws no per-step random numbers (randomness from a generator
+seeded by the sample is deterministic and allowed), and everything it reads is available in
+stage 1. With a profile these facts are measured; without one they come from the units'
+declarations. Among valid cuts `autosplit.planning.cut` picks the lowest stage-2 memory, then the least
+stage-2 compute, then the fewest cached bytes.
+
+An unsplit plan (`split=False`) has the same placements; the trainer then computes the stage-1
+values every step instead of reading them from a cache, which is the baseline split runs match.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from autosplit.errors import ConfigError, PlanError
+from autosplit.graph import Unit, UnitGraph
+from autosplit.plan import SOURCE, CachedValue, Plan, UnitPlacement
+from autosplit.planning.cut import CutProblem, solve_enumerate, solve_mincut
+from autosplit.planning.fission import (
+    MAX_GRAPH_BYTES,
+    graph_name,
+    replay_inputs,
+    split_outputs,
+)
+from autosplit.planning.profile import FissionProfile, Profile
+
+ENUMERATION_LIMIT = 16  # eligible units up to which the exact search is used
+
+
+@dataclass(frozen=True)
+class _Facts:
+    """What the planner knows of one unit: measured (profile) or declared."""
+
+    uses_trainable: tuple[str, ...]
+    needs_grad: bool
+    random_ops: tuple[str, ...]
+    peak_bytes: int
+    flops: int
+    #: outputs computed without per-step randomness or gradients (cacheable on their own)
+    clean_outputs: tuple[str, ...]
+
+
+def _facts(unit: Unit, trainable: tuple[str, ...], profile: Profile | None) -> _Facts:
+    uses = tuple(c for c in unit.components if c in trainable)
+    if profile is None:
+        random_ops: tuple[str, ...] = ("declared",) if unit.draws_random else ()
+        return _Facts(uses, bool(uses), random_ops, 0, 0, ())
+    measured = profile.unit(unit.name)
+    random_ops = measured.random_ops or (("declared",) if unit.draws_random else ())
+    clean = tuple(v.name for v in measured.outputs if not v.random and not v.needs_grad)
+    return _Facts(uses, measured.needs_grad or bool(uses), random_ops, measured.peak_bytes, measured.flops, clean)
+
+
+def _forced_reason(facts: _Facts, unit: Unit, profile: Profile | None, split: bool, batch_size: int) -> str | None:
+    if facts.uses_trainable:
+        return f"stage 2: uses trainable {', '.join(facts.uses_trainable)} (outputs need grad)"
+    if facts.needs_grad:
+        return "stage 2: outputs need grad"
+    if facts.random_ops:
+        ops = "declared draws_random" if facts.random_ops == ("declared",) else ", ".join(facts.random_ops)
+        note = ""
+        partial = [v for v in facts.clean_outputs if v in unit.outputs]
+        if partial and len(partial) < len(unit.outputs):
+            f = profile.unit(unit.name).fission if profile is not None else None
+            which = ", ".join(partial)
+            if f is None:
+                note = f"; {which} alone would be cacheable: split the unit to cache them"
+            elif f.problem is not None:
+                note = f"; {which} alone would be cacheable, but it cannot be split: {f.problem}"
+            elif split and batch_size != 1:
+                note = f"; {which} would be cached by splitting the unit, which needs --batch_size 1"
+        return f"stage 2: draws per-step random numbers ({ops}){note}"
+    return None
+
+
+def make_plan(
+    graph: UnitGraph,
+    *,
+    pipeline: str,
+    task: str,
+    trainable: tuple[str, ...],
+    split: bool = True,
+    layouts: dict[str, Any] | None = None,
+    settings: dict[str, Any] | None = None,
+    profile: Profile | None = None,
+    batch_size: int = 1,
+    solver: str = "auto",
+    memory: MemoryRequest | None = None,
+) -> Plan:
+    """Place each unit of `graph` in stage 1 or 2 and list the values that cross the cut.
+
+    `profile` supplies measured memory, FLOPs, gradients and randomness; `solver` is "auto",
+    "enumerate" or "mincut". A unit with both random and cacheable outputs is offered to the
+    solver as two parts (its clean part and the replay of its random part, autosplit.planning.fission)
+    when the profile could record it and stage 2 trains with batch size 1. Raises PlanError if
+    the profile does not match the graph.
+    """
+    if profile is not None and [u.name for u in profile.units] != list(graph.units):
+        raise PlanError(
+            f"profile units {[u.name for u in profile.units]} do not match the graph's "
+            f"{list(graph.units)}; re-run `autosplit profile`"
+        )
+    layouts = dict(layouts or {})
+    fissions = _fissions(graph, profile, split, batch_size, trainable)
+    parts = _planning_graph(graph, fissions)
+    facts = {u.name: _facts(u, trainable, profile) for u in graph}
+    forced = {u.name: _forced_reason(facts[u.name], u, profile, split, batch_size) for u in graph}
+    for name, f in fissions.items():
+        facts[replay_name(name)] = dataclasses.replace(facts[name], peak_bytes=f.peak_bytes, flops=f.flops)
+        forced[replay_name(name)] = forced.pop(name)
+        facts[name] = dataclasses.replace(facts[name], random_ops=(), flops=max(facts[name].flops - f.flops, 0))
+        forced[name] = None
+        layouts[graph_name(name)] = _GraphLayout()
+    problem = _problem(parts, facts, forced, profile, batch_size, fissions)
+    eligible = len(parts.units) - len(problem.forced_stage2)
+    if solver == "auto":
+        solver = "enumerate" if eligible <= ENUMERATION_LIMIT else "mincut"
+    stage1 = solve_enumerate(problem) if solver == "enumerate" else solve_mincut(problem)
+    cached = _cached_values(parts, stage1, layouts, profile, fissions)
+    placements = tuple(
+        _placement(
+            u,
+            stage1,
+            forced.get(u.name) or forced.get(replay_name(u.name)),
+            facts[u.name],
+            parts,
+            cached,
+            profile,
+            split,
+            fissions.get(u.name),
+        )
+        for u in graph
+    )
+    plan = Plan(
+        pipeline=pipeline,
+        task=task,
+        split=split,
+        trainable=tuple(trainable),
+        units=placements,
+        cached=tuple(cached),
+        settings=dict(settings or {}),
+    )
+    if profile is not None:
+        plan = replace_predicted(plan, predict(plan, profile, batch_size=batch_size))
+    return plan if memory is None else place_memory(plan, memory)
+
+
+@dataclass(frozen=True)
+class _GraphLayout:
+    """A split unit's recorded graph is cached as ragged JSON bytes."""
+
+    ragged_axis: int = 0
+    max_len: int = MAX_GRAPH_BYTES
+
+
+def replay_name(unit: str) -> str:
+    return f"{unit}@replay"
+
+
+def _fissions(
+    graph: UnitGraph, profile: Profile | None, split: bool, batch_size: int, trainable: tuple[str, ...]
+) -> dict[str, FissionProfile]:
+    """Units the solver may split: recorded without a problem, in a split run with batch size 1, and
+    with a deterministic part worth caching (a cacheable output, or weights it uses)."""
+    if profile is None or not split or batch_size != 1:
+        return {}
+    found = {}
+    for unit in graph:
+        measured = profile.unit(unit.name)
+        f = measured.fission
+        if f is None or f.problem is not None or any(c in trainable for c in unit.components):
+            continue  # a trainable component's outputs need grad: the unit is not cacheable at all
+        if not {v.name for v in measured.outputs if v.random} <= set(f.dirty_outputs):
+            continue  # the recorder missed a random output the tracer saw: never cache it
+        # worth splitting only if the deterministic part yields an output or uses weights
+        if len(f.dirty_outputs) < len(unit.outputs) or any(profile.component(c) is not None for c in unit.components):
+            found[unit.name] = f
+    return found
+
+
+def _planning_graph(graph: UnitGraph, fissions: dict[str, FissionProfile]) -> UnitGraph:
+    """`graph` with each unit in `fissions` as two: its clean part and the replay of its random part."""
+    if not fissions:
+        return graph
+    units: list[Unit] = []
+    for unit in graph:
+        f = fissions.get(unit.name)
+        if f is None:
+            units.append(unit)
+            continue
+        n = len(f.frontier)
+        units.append(Unit(unit.name, unit.inputs, split_outputs(unit, f.dirty_outputs, n), unit.fn, unit.components))
+        units.append(Unit(replay_name(unit.name), replay_inputs(unit.name, f.reads, n), f.dirty_outputs, unit.fn))
+    return UnitGraph(units, sources=graph.sources, loss=graph.loss)
+
+
+def _graph_of(value: str, fissions: dict[str, FissionProfile]) -> FissionProfile | None:
+    """The split unit whose recorded graph `value` is, if it is one."""
+    return next((f for name, f in fissions.items() if graph_name(name) == value), None)
+
+
+def _per_sample(profile: Profile | None, value: str, fissions: dict[str, FissionProfile]) -> int:
+    if profile is None:
+        return 0
+    recorded = _graph_of(value, fissions)
+    if recorded is not None:
+        return recorded.graph_bytes
+    return profile.value(value).bytes // max(profile.batch_size, 1)
+
+
+def _problem(
+    graph: UnitGraph,
+    facts: dict[str, _Facts],
+    forced: dict[str, str | None],
+    profile: Profile | None,
+    batch_size: int,
+    fissions: dict[str, FissionProfile],
+) -> CutProblem:
+    component_bytes = {c.name: c.frozen_bytes + c.trainable_bytes for c in (profile.components if profile else ())}
+    users: dict[str, set[str]] = {}
+    for unit in graph:
+        for c in unit.components:
+            users.setdefault(c, set()).add(unit.name)
+    values = {}
+    for unit in graph:
+        for value in unit.outputs:
+            consumers = frozenset(graph.consumers(value))
+            if consumers:
+                sample = _per_sample(profile, value, fissions)
+                values[value] = (unit.name, consumers, sample * batch_size, sample)
+    return CutProblem(
+        units=tuple(graph.units),
+        forced_stage2=frozenset(n for n, reason in forced.items() if reason),
+        producers={u.name: frozenset(graph.producer[v] for v in u.inputs if v in graph.producer) for u in graph},
+        unit_cost={n: (0 if forced[n] else f.peak_bytes, f.flops) for n, f in facts.items()},
+        components={c: (component_bytes.get(c, 0), frozenset(u)) for c, u in users.items()},
+        values=values,
+    )
+
+
+def _cached_values(
+    graph: UnitGraph,
+    stage1: frozenset[str],
+    layouts: dict[str, Any],
+    profile: Profile | None,
+    fissions: dict[str, FissionProfile],
+) -> list[CachedValue]:
+    cached = []
+    for source in graph.sources:  # dataset values a stage-2 unit reads (the prompt, when text encoding trains)
+        if any(c not in stage1 for c in graph.consumers(source)):
+            layout = layouts.get(source)
+            cached.append(
+                CachedValue(
+                    source,
+                    SOURCE,
+                    ragged_axis=getattr(layout, "ragged_axis", None),
+                    max_len=getattr(layout, "max_len", None),
+                )
+            )
+    for unit in graph:
+        if unit.name not in stage1:
+            continue
+        for value in unit.outputs:
+            if any(c not in stage1 for c in graph.consumers(value)):
+                layout = layouts.get(value)
+                shape: tuple[int, ...] | None = None
+                dtype: str | None = None
+                nbytes: int | None = None
+                if profile is not None and _graph_of(value, fissions) is not None:
+                    nbytes = _per_sample(profile, value, fissions)
+                    shape, dtype = (nbytes,), "uint8"
+                elif profile is not None:
+                    measured = profile.value(value)
+                    shape, dtype = measured.shape[1:], measured.dtype
+                    nbytes = _per_sample(profile, value, fissions)
+                cached.append(
+                    CachedValue(
+                        value,
+                        unit.name,
+                        ragged_axis=getattr(layout, "ragged_axis", None),
+                        max_len=getattr(layout, "max_len", None),
+                        shape=shape,
+                        dtype=dtype,
+                        bytes_per_sample=nbytes,
+                    )
+                )
+    return cached
+
+
+def _placement(
+    unit: Unit,
+    stage1: frozenset[str],
+    forced: str | None,
+    facts: _Facts,
+    graph: UnitGraph,
+    cached: list[CachedValue],
+    profile: Profile | None,
+    split: bool,
+    fission: FissionProfile | None,
+) -> UnitPlacement:
+    measured = profile.unit(unit.name) if profile else None
+    if fission is not None:
+        assert measured is not None  # a unit is split only from a profile
+    if fission is not None and measured is not None and unit.name in stage1:
+        names = [v for v in cached if v.producer == unit.name]
+        size = sum(v.bytes_per_sample or 0 for v in names)
+        kept = [v.name for v in names if not v.name.startswith(unit.name + ".")]
+        ops = ", ".join(measured.random_ops)
+        parts = [
+            *kept,
+            *([f"{len(fission.frontier)} frontier tensors"] if fission.frontier else []),
+            "the recorded graph",
+        ]
+        reason = (
+            f"split: stage 1 caches {', '.join(parts[:-1])} and {parts[-1]}, {_kib(size)} per sample; "
+            f"stage 2 replays the random part ({ops}, {fission.ops} ops) without "
+            f"{', '.join(unit.components) or 'the unit'}"
+        )
+        return UnitPlacement(
+            unit.name,
+            1,
+            reason,
+            unit.components,
+            peak_bytes=measured.peak_bytes,
+            flops=measured.flops,
+            seconds=measured.seconds,
+            needs_grad=False,
+            random_ops=measured.random_ops,
+            replays=fission.dirty_outputs,
+            replay_reads=fission.reads,
+            frontier=len(fission.frontier),
+        )
+    if fission is not None and measured is not None:
+        facts = dataclasses.replace(facts, random_ops=measured.random_ops)
+        late = [v for v in unit.inputs if graph.producer.get(v) and graph.producer[v] not in stage1]
+        why = f"reads {', '.join(late)} from stage 2" if late else "is cheaper to recompute than to cache"
+        forced = f"{forced}; its deterministic part {why}, so it is not split"
+    if unit.name in stage1:
+        names = [v for v in cached if v.producer == unit.name]
+        caches = ""
+        if names:
+            parts = [
+                f"{v.name}" + (f" {_kib(v.bytes_per_sample)}" if v.bytes_per_sample is not None else "") for v in names
+            ]
+            caches = "; caches " + ", ".join(parts) + (" per sample" if profile else "")
+        reason = (
+            "stage 1: frozen and deterministic, runs once per sample"
+            if split
+            else "stage 1 part: frozen and deterministic; unsplit run computes it every step"
+        ) + caches
+        stage = 1
+    else:
+        late = [v for v in unit.inputs if graph.producer.get(v) and graph.producer[v] not in stage1]
+        reason = forced or (
+            f"stage 2: reads {', '.join(late)} from stage 2"
+            if late
+            else "stage 2: cheaper to run every step than to cache (lower stage-2 memory)"
+        )
+        stage = 2
+    return UnitPlacement(
+        unit.name,
+        stage,
+        reason,
+        unit.components,
+        peak_bytes=measured.peak_bytes if measured else None,
+        flops=measured.flops if measured else None,
+        seconds=measured.seconds if measured else None,
+        needs_grad=facts.needs_grad if measured else None,
+        random_ops=facts.random_ops,
+    )
+
+
+def _kib(nbytes: int) -> str:
+    return f"{nbytes / 1024:.1f} KiB" if nbytes < 1 << 20 else f"{nbytes / (1 << 20):.2f} MiB"
+
+
+def predict(plan: Plan, profile: Profile, *, batch_size: int = 1) -> dict[str, Any]:
+    """Predicted peak memory (bytes) of stage 1, stage 2 and unsplit training, and stage-2 FLOPs.
+
+    stage 2 = components its units use + AdamW state (2x the trainable bytes) + the cached batch +
+    the larger of the gradient step's peak and any frozen stage-2 unit's peak. Unsplit = every
+    component + AdamW state + the larger of any stage-1 unit's peak and the stage-2 activations.
+    """
+    comp = {c.name: c for c in profile.components}
+    stage1 = {u.name for u in plan.units if u.stage == 1}
+    grad_units = set(profile.grad_step.units)
+
+    def resident(names: list[str]) -> int:
+        return sum(comp[n].frozen_bytes + comp[n].trainable_bytes for n in names if n in comp)
+
+    optimizer = 2 * sum(c.trainable_bytes for c in profile.components)
+    batch = sum(v.bytes_per_sample or 0 for v in plan.cached) * batch_size
+    frozen2 = [profile.unit(u.name).peak_bytes for u in plan.units if u.stage == 2 and u.name not in grad_units]
+    replayed = [f for u in plan.units if u.replays and (f := profile.unit(u.name).fission) is not None]
+    frozen2 += [f.peak_bytes for f in replayed]
+    activations2 = max([profile.grad_step.peak_bytes, *frozen2])
+    stage1_peaks = [profile.unit(n).peak_bytes for n in stage1] or [0]
+    all_components = plan.components(1) + [c for c in plan.components(2) if c not in plan.components(1)]
+    return {
+        "profile_mode": profile.mode,
+        "batch_size": batch_size,
+        "stage1_peak_bytes": resident(plan.components(1)) + max(stage1_peaks),
+        "stage2_peak_bytes": resident(plan.components(2)) + optimizer + batch + activations2,
+        "unsplit_peak_bytes": resident(all_components) + optimizer + max(max(stage1_peaks), batch + activations2),
+        "stage2_resident_bytes": resident(plan.components(2)),
+        "denoiser_frozen_bytes": comp[plan.trainable[0]].frozen_bytes if plan.trainable[0] in comp else 0,
+        "optimizer_bytes": optimizer,
+        "cached_batch_bytes": batch,
+        "stage2_activation_bytes": activations2,
+        "cached_bytes_per_sample": sum(v.bytes_per_sample or 0 for v in plan.cached),
+        "stage2_flops_per_step": profile.grad_step.flops
+        + sum(profile.unit(u.name).flops for u in plan.units if u.stage == 2 and u.name not in grad_units)
+        + sum(f.flops for f in replayed),
+        # what `place_memory` plans from: the denoiser's repeated blocks (bytes and FLOPs of one)
+        "blocks": [dataclasses.asdict(b) for b in profile.blocks],
+    }
+
+
+def replace_predicted(plan: Plan, predicted: dict[str, Any]) -> Plan:
+    return dataclasses.replace(plan, predicted=predicted)
+
+
+# --- stage 2's weight placement: block swapping and fp8 storage (docs/memory.md) ----------------
+
+#: pinned host -> device copies when `plan.host_to_device_gbps` is 0: measured on the H200 host, 55 GB/s each
+#: way (pageable: 19.5 GB/s; shared/gpu/README.md)
+DEFAULT_H2D_BYTES_PER_S = 55e9
+#: stage 2's effective FLOP rate when `plan.train_tflops` is 0: full-size Qwen-Image LoRA r32 at
+#: 1024^2 with gradient checkpointing ran its 234.9 TFLOP step in 1.49 s on the H200 (issue 11)
+DEFAULT_TRAIN_FLOPS_PER_S = 234.9e12 / 1.49
+#: fp8 -> bf16 upcast of a frozen weight, seconds per element (340 M weights in 1.5 ms on the H200)
+FP8_UPCAST_S_PER_ELEMENT = 1.5e-3 / 340e6
+#: swapped blocks on the device at once: the one in use and the next, copied ahead on a side stream
+#: (the planner may take 1 where a block's memory matters more than hiding its copy)
+SWAP_SLOTS = 2
+#: the CUDA caching allocator reserves more than is allocated (fragmentation): 44.8 / 43.3 GiB for
+#: full-size Qwen-Image stage 2 on the H200 (issue 11). A budget caps what the allocator reserves.
+RESERVED_OVER_ALLOCATED = 1.035
+#: and in-kernel temporaries no profile sees (38-84 MB for the DiT step, shared/FACTS.md)
+RESERVED_HEADROOM_BYTES = 128 << 20
+
+
+#: host memory of the training process besides the model (CUDA context, libraries), for host-peak
+#: predictions; measured peaks were 0.80-0.99 of denoiser + pinned + this (docs/memory.md)
+HOST_PROCESS_BYTES = 2 << 30
+
+
+def reserved_bytes(allocated: int) -> int:
+    """What the allocator is predicted to reserve at an allocated peak of `allocated` bytes."""
+    return int(allocated * RESERVED_OVER_ALLOCATED) + RESERVED_HEADROOM_BYTES
+
+
+@dataclass(frozen=True)
+class MemoryRequest:
+    """What a run asks of stage 2's weight placement (`train.blocks_to_swap`, `train.base_precision`,
+    `plan.*`). `blocks_to_swap` is "auto" (the planner chooses under `vram_budget_bytes`) or a count;
+    `base_precision` is "dtype" (the run's), "fp8" or "auto" (the planner may choose fp8). Bytes
+    (0: no budget), bytes/s and FLOP/s."""
+
+    blocks_to_swap: str = "auto"
+    base_precision: str = "dtype"
+    vram_budget_bytes: int = 0
+    host_ram_bytes: int = 0
+    h2d_bytes_per_s: float = DEFAULT_H2D_BYTES_PER_S
+    train_flops_per_s: float = DEFAULT_TRAIN_FLOPS_PER_S
+    gradient_checkpointing: bool = False
+
+
+def spread_blocks(num_blocks: int, count: int) -> tuple[int, ...]:
+    """Which `count` of `num_blocks` blocks to swap: evenly spread, so that the resident blocks
+    between two swapped ones give the copy time; block 0 (needed first) only when all are."""
+    return tuple((k * num_blocks) // (count + 1) for k in range(1, count + 1))
+
+
+def block_uses(num_blocks: int, *, backward: bool = True) -> list[tuple[str, int]]:
+    """One step's uses of the repeated blocks, in order: the forward, then the backward (under
+    gradient checkpointing each block's recompute and backward), the last block first."""
+    forward = [("forward", i) for i in range(num_blocks)]
+    return forward + ([("backward", i) for i in reversed(range(num_blocks))] if backward else [])
+
+
+def swap_window(uses: Sequence[tuple[str, int]], position: int, swapped: frozenset[int], slots: int) -> tuple[int, ...]:
+    """The swapped blocks to have on the device from use `position` on: the next `slots` distinct
+    ones in use order (uses repeat: the next step follows the last backward)."""
+    window: list[int] = []
+    for k in range(len(uses)):
+        block = uses[(position + k) % len(uses)][1]
+        if block in swapped and block not in window:
+            window.append(block)
+            if len(window) == slots:
+                break
+    return tuple(window)
+
+
+def swap_step_seconds(
+    uses: Sequence[tuple[str, int]],
+    durations: Sequence[float],
+    other_s: float,
+    swapped: frozenset[int],
+    copy_s: dict[int, float],
+    slots: int,
+) -> float:
+    """Seconds of a steady-state step on one compute stream and one copy engine, as the swapper
+    schedules it: at each use the blocks outside `swap_window` leave their slots (free once compute
+    gets there), the window's missing blocks are copied in order into free slots, and a use of a
+    swapped block waits for its copy. `durations` are the uses' compute seconds, `other_s` the rest
+    of the step."""
+    held: list[int | None] = [None] * slots
+    ready, free = [0.0] * slots, [0.0] * slots
+    now = engine = 0.0
+    ends = []
+    for _ in range(3):  # the first step starts cold; the third is the steady state
+        for position, (_, block) in enumerate(uses):
+            window = swap_window(uses, position, swapped, slots)
+            for i, b in enumerate(held):
+                if b is not None and b not in window:
+                    held[i], free[i] = None, now
+            for b in window:
+                if b not in held:
+                    i = held.index(None)
+                    engine = ready[i] = max(engine, free[i]) + copy_s[b]
+                    held[i] = b
+            if block in swapped:
+                now = max(now, ready[held.index(block)])
+            now += durations[position]
+        now += other_s
+        ends.append(now)
+    return ends[2] - ends[1]
+
+
+def _estimate(
+    predicted: dict[str, Any],
+    blocks: list[dict[str, Any]],
+    precision: str,
+    count: int,
+    request: MemoryRequest,
+    slots: int = SWAP_SLOTS,
+) -> dict[str, Any]:
+    """Peaks (bytes), host memory (bytes) and step seconds of stage 2 with `count` blocks swapped
+    through `slots` device slots."""
+    each = [b for b in blocks for _ in range(b["count"])]
+    fp8 = precision == "fp8"
+    stored = [b["fp8_frozen_bytes"] if fp8 else b["frozen_bytes"] for b in each]
+    slot = [b["fp8_slot_bytes"] if fp8 else b["slot_bytes"] for b in each]
+    swapped = spread_blocks(len(each), count)
+    slots = min(slots, count)
+    change = (
+        sum(stored)
+        - sum(b["frozen_bytes"] for b in each)
+        - sum(stored[i] for i in swapped)
+        + slots * max((slot[i] for i in swapped), default=0)
+        + (max(b["max_linear_weight_bytes"] for b in each) if fp8 else 0)
+    )  # one layer upcast at a time
+    rate = request.train_flops_per_s
+    uses = block_uses(len(each))
+    compute = [
+        (each[i]["forward_flops"] if phase == "forward" else each[i]["step_flops"] - each[i]["forward_flops"]) / rate
+        for phase, i in uses
+    ]
+    other = max(predicted["stage2_flops_per_step"] / rate - sum(compute), 0.0)  # embeddings, loss, ...
+    # fp8 upcasts each frozen Linear weight once in the forward, twice in the backward (recompute, grad)
+    durations = [
+        c
+        + (
+            each[i]["linear_weight_elements"] * FP8_UPCAST_S_PER_ELEMENT * (1 if phase == "forward" else 2)
+            if fp8
+            else 0.0
+        )
+        for c, (phase, i) in zip(compute, uses)
+    ]
+    copies = {i: slot[i] / request.h2d_bytes_per_s for i in swapped}
+    resident = predicted["stage2_flops_per_step"] / rate
+    step = (
+        swap_step_seconds(uses, durations, other, frozenset(swapped), copies, slots)
+        if count
+        else resident + sum(durations) - sum(compute)
+    )  # fp8's upcasts, if any
+    on_host = count > 0 or fp8  # the denoiser is loaded on the host, then placed block by block
+    return {
+        "blocks_to_swap": count,
+        "num_blocks": len(each),
+        "swapped": list(swapped),
+        "base_precision": precision,
+        "slots": slots,
+        "stage2_peak_bytes": predicted["stage2_peak_bytes"] + change,
+        "unsplit_peak_bytes": predicted["unsplit_peak_bytes"] + change,
+        "host_pinned_bytes": sum(slot[i] for i in swapped),
+        # loading: the denoiser on the host, and the swapped blocks' pinned copies made before it is released
+        "host_peak_bytes": (
+            predicted.get("denoiser_frozen_bytes", 0) + sum(slot[i] for i in swapped) + HOST_PROCESS_BYTES
+        )
+        if on_host
+        else 0,
+        "step_s": step,
+        "resident_step_s": resident,
+        "copy_s_per_step": 2 * sum(copies.values()),
+    }
+
+
+def place_memory(plan: Plan, request: MemoryRequest) -> Plan:
+    """`plan` with `predicted["placement"]`: how many of the denoiser's repeated blocks stage 2 keeps
+    in pinned host memory (copied to the GPU ahead of use) and the precision of their frozen Linear
+    weights, the predicted peaks, host memory and step time, and the reason. Under "auto" it is
+    the fastest predicted choice whose peak (stage 2's, or unsplit's for --no-split) fits
+    `vram_budget_bytes` and whose host memory fits `host_ram_bytes`; lossless wins ties. Raises
+    ConfigError for more blocks than the model has."""
+    blocks = plan.predicted.get("blocks") or []
+    num_blocks = sum(b["count"] for b in blocks)
+    asked = request.blocks_to_swap
+    if asked != "auto" and blocks and int(asked) > num_blocks:
+        raise ConfigError(
+            f"--blocks_to_swap {asked}: {plan.trainable[0]} has {num_blocks} repeated blocks; "
+            f"pass at most {num_blocks} (or auto)"
+        )
+    if not blocks or "stage2_peak_bytes" not in plan.predicted:
+        return replace_predicted(plan, {**plan.predicted, "placement": _unmeasured_placement(plan, request)})
+    precisions = ("dtype", "fp8") if request.base_precision == "auto" else (request.base_precision,)
+    counts = ([0] if not request.gradient_checkpointing else range(num_blocks + 1)) if asked == "auto" else [int(asked)]
+    options = [
+        _estimate(plan.predicted, blocks, p, n, request, k)
+        for p in precisions
+        for n in counts
+        for k in sorted({min(k, n) for k in (1, SWAP_SLOTS)})
+    ]
+    judged = "stage2_peak_bytes" if plan.split else "unsplit_peak_bytes"
+    budget, host = request.vram_budget_bytes, request.host_ram_bytes
+    fitting = [
+        o
+        for o in options
+        if (not budget or reserved_bytes(o[judged]) <= budget) and (not host or o["host_peak_bytes"] <= host)
+    ]
+    if fitting:
+        best = min(
+            fitting,
+            key=lambda o: (round(o["step_s"], 4), o["base_precision"] != "dtype", o["blocks_to_swap"], -o["slots"]),
+        )
+    else:  # the smallest GPU peak; among those under the budget (the host is short), the fewest blocks
+        best = min(
+            options,
+            key=lambda o: (max(reserved_bytes(o[judged]), budget), o["blocks_to_swap"], o["step_s"], -o["slots"]),
+        )
+    best = {
+        **best,
+        "judged": "stage 2" if plan.split else "unsplit",
+        "judged_peak_bytes": best[judged],
+        "judged_reserved_bytes": reserved_bytes(best[judged]),
+        "fits": bool(fitting),
+        "vram_budget_bytes": budget,
+        "host_ram_bytes": host,
+        "h2d_bytes_per_s": request.h2d_bytes_per_s,
+        "train_flops_per_s": request.train_flops_per_s,
+        "predicted": True,
+    }
+    best["reason"] = _placement_reason(best, plan, request)
+    return replace_predicted(plan, {**plan.predicted, "placement": best})
+
+
+def _unmeasured_placement(plan: Plan, request: MemoryRequest) -> dict[str, Any]:
+    """The placement of a plan without block measurements: what was asked, nothing predicted."""
+    count = 0 if request.blocks_to_swap == "auto" else int(request.blocks_to_swap)
+    precision = "dtype" if request.base_precision == "auto" else request.base_precision
+    if request.blocks_to_swap == "auto" and request.vram_budget_bytes:
+        reason = (
+            "nothing swapped: no profile of the denoiser's repeated blocks to plan from (plan with "
+            "--profile fake, or pass --blocks_to_swap N)"
+        )
+    else:
+        reason = f"--blocks_to_swap {count}" if count else "every block resident"
+    return {
+        "blocks_to_swap": count,
+        "swapped": None,
+        "base_precision": precision,
+        "slots": min(SWAP_SLOTS, count),
+        "predicted": False,
+        "reason": reason,
+    }
+
+
+def _placement_reason(p: dict[str, Any], plan: Plan, request: MemoryRequest) -> str:
+    n, total, budget = p["blocks_to_swap"], p["num_blocks"], p["vram_budget_bytes"]
+    gib = 1 << 30
+    fp8 = "; frozen Linear weights of the blocks stored in fp8 (lossy)" if p["base_precision"] == "fp8" else ""
+    cost = (
+        (
+            f"copies {p['copy_s_per_step']:.2f} s per step on a side stream, predicted step "
+            f"{p['step_s'] / p['resident_step_s']:.2f}x the resident one"
+        )
+        if n
+        else ""
+    )
+    if request.blocks_to_swap != "auto":
+        head = f"--blocks_to_swap {n}: {n} of {total} blocks in pinned host memory" if n else "every block resident"
+        return "; ".join(x for x in (head + fp8, cost) if x)
+    if not budget:
+        return "no --vram_budget: every block resident" + fp8
+    if not p["fits"]:
+        if not request.gradient_checkpointing:
+            why = "block swapping needs --use_gradient_checkpointing"
+        elif p["judged_reserved_bytes"] <= budget:
+            why = (
+                f"with {n} of {total} blocks swapped the GPU fits, but loading needs "
+                f"{p['host_peak_bytes'] / gib:.1f} GiB of host memory, more than the "
+                f"{request.host_ram_bytes / gib:.1f} GiB here (--set plan.host_ram_gib=G: the training machine's)"
+            )
+        else:
+            why = (
+                f"even {n} of {total} blocks swapped{' and fp8' if p['base_precision'] == 'fp8' else ''} leave "
+                f"{p['judged_peak_bytes'] / gib:.2f} GiB allocated, {p['judged_reserved_bytes'] / gib:.2f} GiB "
+                f"reserved"
+            )
+        allow = "" if request.base_precision != "dtype" else ", allow fp8 (--base_precision auto)"
+        return (
+            f"does NOT fit --vram_budget {budget / gib:g} GiB: {why}; lower --batch_size or the image "
+            f"size{allow}, or raise the budget"
+        )
+    if not n:
+        return f"--vram_budget {budget / gib:g} GiB: every block resident fits" + fp8
+    return (
+        f"--vram_budget {budget / gib:g} GiB: {n} of {total} blocks in pinned host memory, the fastest "
+        f"choice that fits" + fp8 + "; " + cost
+    )

@@ -1,0 +1,401 @@
+"""Stage 1: run the plan's stage-1 units over the dataset, once per sample, into the cache.
+
+Resumable: progress is recorded shard by shard, and a re-run writes only the missing shards.
+Parallel: under `accelerate launch`, rank r writes the shards whose global number is r modulo the
+number of processes; the main process creates the cache before and marks it complete after a
+barrier. Incremental: when only the dataset changed (samples edited, added or removed) and the
+old cache is complete, `autosplit run` writes a new cache next to it, copying every sample whose
+source digest it already holds and encoding only the others, then swaps the two.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from autosplit.adapters.base import truncation_report
+from autosplit.config import CacheConfig
+from autosplit.data import Sample, SourceDigest, source_digest
+from autosplit.errors import CacheError
+from autosplit.graph import Unit, UnitContext, UnitGraph, run_units
+from autosplit.plan import Plan
+from autosplit.planning.stages import stage_units
+from autosplit.storage.cache import (
+    CacheReader,
+    CacheWriter,
+    make_buckets,
+    read_manifest,
+)
+from autosplit.storage.codec import encode_source
+from autosplit.training.placement import ComponentSource
+
+log = logging.getLogger(__name__)
+
+
+def sample_sources(samples: list[Sample]) -> dict[str, Any]:
+    """The dataset values of a batch of samples (lists)."""
+    sources = [s.sources() for s in samples]
+    return {key: [value for source in sources for value in source[key]] for key in sources[0]}
+
+
+@torch.no_grad()
+def compute_samples(
+    units: list[Unit],
+    samples: list[Sample],
+    ctx: UnitContext,
+    names: list[str],
+    *,
+    to_cpu: bool,
+    ragged: Mapping[str, int] | None = None,
+) -> list[dict[str, torch.Tensor]]:
+    """Run `units` on a batch of samples of one shape; return each sample's values in `names`.
+
+    Ragged values of a batch are padded to the batch's longest; each sample's are cut back to its
+    own length: the last position that is non-zero in any of its ragged values.
+    """
+    values = run_units(units, sample_sources(samples), ctx)
+    out = []
+    for j in range(len(samples)):
+        item = {name: values[name][j] for name in names}
+        trimmed = [n for n in ragged or () if isinstance(item.get(n), torch.Tensor)]  # not text sources
+        if len(samples) > 1 and trimmed:
+            length = max(_used_length(item[n]) for n in trimmed)
+            item = {n: v[:length] if n in trimmed else v for n, v in item.items()}
+        out.append({n: encode_source(v).cpu() if to_cpu else v for n, v in item.items()})
+    return out
+
+
+def _used_length(t: torch.Tensor) -> int:
+    nonzero = t.reshape(t.shape[0], -1).ne(0).any(dim=1).nonzero()
+    return int(nonzero[-1]) + 1 if len(nonzero) else 0
+
+
+def compute_sample(
+    units: list[Unit], sample: Sample, ctx: UnitContext, names: list[str], *, to_cpu: bool
+) -> dict[str, torch.Tensor]:
+    """Run `units` on one sample; return the values in `names` without their batch axis."""
+    return compute_samples(units, [sample], ctx, names, to_cpu=to_cpu)[0]
+
+
+def stage_context(
+    plan: Plan, graph: UnitGraph, *, models: ComponentSource, unit_settings: Mapping[str, Any]
+) -> tuple[list[Unit], UnitContext]:
+    """The stage-1 units of `plan` and a context holding their components (no step generator:
+    stage 1 draws nothing per step)."""
+    components = models.load(plan.components(1))
+    units = stage_units(plan, graph, 1)
+    return units, UnitContext(components, models.device, models.dtype, generator=None, settings=dict(unit_settings))
+
+
+#: key entries that depend on which samples the dataset holds; a cache differing only in these can
+#: be updated sample by sample instead of rebuilt
+DATASET_KEYS = ("dataset_sha256", "num_samples")
+
+
+@dataclass(frozen=True)
+class Stage1Job:
+    """What stage 1 reads: the plan and graph, the samples, where their components come from, the
+    cache settings, and the key and dataset record the cache is stamped with."""
+
+    plan: Plan
+    graph: UnitGraph
+    samples: list[Sample]
+    #: each sample's source digest (what its cached values were made from)
+    digests: list[SourceDigest]
+    models: ComponentSource
+    cache: CacheConfig
+    #: everything stage-1 outputs depend on (a cache made under another key is stale)
+    key: dict[str, Any]
+    unit_settings: Mapping[str, Any]
+    #: where the samples came from, recorded in the manifest for `autosplit inspect`
+    dataset: dict[str, str]
+
+
+@dataclass(frozen=True)
+class _Target:
+    """Where stage 1 writes (`path`), and a complete older cache to copy unchanged samples from."""
+
+    path: Path
+    reuse: Path | None
+    rebuild: bool
+
+
+def _choose_target(cache_path: Path, key: dict[str, Any], *, replace_stale: bool) -> _Target:
+    existing = read_manifest(cache_path)
+    if existing is None or existing.get("key") == key:
+        return _Target(cache_path, None, False)
+    if not replace_stale:
+        return _Target(cache_path, None, False)  # CacheWriter raises, naming what changed
+    old_key = existing.get("key") or {}
+    changed = sorted(k for k in set(old_key) | set(key) if old_key.get(k) != key.get(k))
+    if existing.get("complete") and set(changed) <= set(DATASET_KEYS):
+        return _Target(cache_path.with_name(cache_path.name + ".next"), cache_path, False)
+    log.warning("cache %s is stale (changed: %s); rebuilding it", cache_path, ", ".join(changed))
+    return _Target(cache_path, None, True)
+
+
+def _distributed(device: torch.device) -> Any:
+    from accelerate import PartialState
+
+    return _Ranks(PartialState(cpu=device.type == "cpu"), device)  # as the trainer's Accelerator will be
+
+
+class _Ranks:
+    """accelerate's process state, with a barrier that works for CPU processes on a GPU host too
+    (accelerate's `wait_for_everyone` passes `device_ids`, which sends gloo to CUDA device `rank`)."""
+
+    def __init__(self, state: Any, device: torch.device):
+        self.state, self.device = state, device
+        self.is_main_process, self.process_index = state.is_main_process, state.process_index
+        self.num_processes = state.num_processes
+
+    def wait_for_everyone(self) -> None:
+        if self.device.type == "cpu" and self.num_processes > 1 and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+        else:
+            self.state.wait_for_everyone()
+
+
+@dataclass(frozen=True)
+class Stage1Result:
+    #: the finished cache's manifest
+    manifest: dict[str, Any]
+    #: the cache was already complete and current: nothing was encoded
+    skipped: bool
+
+
+def run_stage1(job: Stage1Job, cache_path: Path, *, replace_stale: bool = False) -> Stage1Result:
+    """Write (or finish) the cache at `cache_path`.
+
+    Shards already written by an interrupted run with the same key are kept. A cache made under
+    another key raises CacheError, or, when `replace_stale` is set, is updated sample by sample
+    (only the dataset changed) or rebuilt. Raises CacheError when the disk fills up.
+    """
+    job.models.check_present(job.plan.components(1))  # before anything is written
+    digests = job.digests
+    buckets = make_buckets([s.bucket for s in job.samples])
+    state = _distributed(job.models.device)
+    target = _choose_target(cache_path, job.key, replace_stale=replace_stale)
+    state.wait_for_everyone()  # every rank chose before the main process changes anything
+    extra: dict[str, np.ndarray] = {
+        "image_sha256": np.frombuffer(b"".join(d.image for d in digests), np.uint8).reshape(-1, 32),
+        "prompt_sha256": np.frombuffer(b"".join(d.prompt for d in digests), np.uint8).reshape(-1, 32),
+        "size": np.array([d.size for d in digests], dtype=np.int32).reshape(-1, 2),
+    }
+
+    def open_writer(create: bool) -> CacheWriter:
+        return CacheWriter(
+            target.path,
+            plan=job.plan,
+            buckets=buckets,
+            key=job.key,
+            shard_size=job.cache.shard_size,
+            zstd_level=job.cache.zstd_level,
+            source_sha256=[d.source for d in digests],
+            extra_index=extra,
+            info={"dataset": job.dataset},
+            create=create,
+        )
+
+    if state.is_main_process:
+        if target.rebuild:
+            shutil.rmtree(target.path)
+        writer = _guard_disk(target.path, lambda: open_writer(True))
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        writer = open_writer(False)
+    if writer.manifest["complete"]:
+        log.info("cache %s is complete and current; stage 1 skipped", target.path)
+        return Stage1Result(writer.manifest, skipped=True)
+    _write_shards(job, writer, target, rank=state.process_index, world=state.num_processes)
+    state.wait_for_everyone()
+    if state.is_main_process:
+        _guard_disk(target.path, writer.finish)
+        if target.reuse is not None:
+            _swap(target.path, cache_path)
+    state.wait_for_everyone()
+    manifest = read_manifest(cache_path)
+    assert manifest is not None  # just finished
+    return Stage1Result(manifest, skipped=False)
+
+
+def _guard_disk(path: Path, write: Callable[[], Any]) -> Any:
+    try:
+        return write()
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise CacheError(
+                f"{path}: no space left on device ({exc}); free space then re-run the same command: "
+                f"finished shards are kept and the cache is not marked complete"
+            ) from exc
+        raise
+
+
+def _swap(new: Path, cache_path: Path) -> None:
+    old = cache_path.with_name(cache_path.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(cache_path, old)
+    os.replace(new, cache_path)
+    shutil.rmtree(old)
+
+
+class Progress:
+    """A tqdm bar on terminals; where it is not shown (stderr is not a terminal, or TQDM_DISABLE),
+    a log line every `every_s` seconds (0: every update; None: never) and at the end: done/total,
+    the rate (units per second, since this run started) and the ETA, plus `fields` such as the loss."""
+
+    def __init__(self, *, total: int, desc: str, unit: str, every_s: float | None, initial: int = 0):
+        self.bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, disable=None)  # None: terminals only
+        self.total, self.done, self.first, self.desc, self.unit = total, initial, initial, desc, unit
+        self.every_s, self.start = every_s, time.perf_counter()
+        self.logged = self.start
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.close()
+
+    def update(self, n: int, **fields: str) -> None:
+        self.done += n
+        self.bar.update(n)
+        if fields:
+            self.bar.set_postfix(fields)
+        now = time.perf_counter()
+        if not self._line_due(now):
+            return
+        self.logged = now
+        rate = (self.done - self.first) / max(now - self.start, 1e-9)
+        eta = format_seconds((self.total - self.done) / rate) if rate > 0 else "?"
+        shown = "".join(f", {k} {v}" for k, v in fields.items())
+        log.info(
+            "%s %d/%d %ss, %s %ss/s%s, ETA %s",
+            self.desc,
+            self.done,
+            self.total,
+            self.unit,
+            f"{rate:.3g}" if rate < 1000 else f"{rate:.0f}",
+            self.unit,
+            shown,
+            eta,
+        )
+
+    def _line_due(self, now: float) -> bool:
+        if self.every_s is None or not self.bar.disable:  # no lines asked for, or the bar shows it all
+            return False
+        return now - self.logged >= self.every_s or self.done >= self.total
+
+
+def format_seconds(seconds: float) -> str:
+    """`seconds` as 42s, 3m05s or 2h07m."""
+    s = round(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+def _write_shards(job: Stage1Job, writer: CacheWriter, target: _Target, *, rank: int, world: int) -> None:
+    samples = job.samples
+    shard_size, batch_size = writer.shard_size, job.cache.batch_size
+    mine = [(b, k) for g, (b, k) in enumerate(writer.shards) if g % world == rank and not writer.shard_done(b.id, k)]
+    log.info("stage 1, process %d of %d: %d shards to write", rank, world, len(mine))
+    if not mine:
+        return
+    produce = _producer(job, target.reuse, batch_size)
+    shard_seconds, shard_samples = [], []
+    desc = "stage 1: caching" if world == 1 else f"stage 1, process {rank} of {world}: caching"
+    with Progress(
+        total=sum(len(range(*b.shards(shard_size)[k])) for b, k in mine),
+        desc=desc,
+        unit="sample",
+        every_s=job.cache.log_every_s,
+    ) as progress:
+        for bucket, shard in mine:
+            tick = time.perf_counter()
+            lo, hi = bucket.shards(shard_size)[shard]
+            outputs = produce([samples[i] for i in bucket.samples[lo:hi]], on_samples=progress.update)
+            _guard_disk(writer.path, functools.partial(writer.write_shard, bucket, shard, outputs))
+            _synchronize(job.models.device)
+            shard_seconds.append(time.perf_counter() - tick)
+            shard_samples.append(hi - lo)
+    cut = truncation_report()
+    if cut:
+        log.warning("stage 1: %s", cut)
+    # encode + write time, models already loaded; the first shard carries the warm-up
+    log.info(
+        "stage 1 stats %s",
+        json.dumps(
+            {
+                "rank": rank,
+                "world_size": world,
+                "shards": len(mine),
+                "samples": sum(shard_samples),
+                "seconds": sum(shard_seconds),
+                "first_shard_samples": shard_samples[0],
+                "first_shard_seconds": shard_seconds[0],
+            }
+        ),
+    )
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _producer(job: Stage1Job, reuse: Path | None, batch_size: int) -> Callable[..., list[dict[str, torch.Tensor]]]:
+    """A function from one shard's samples to their stage-1 outputs: copied from `reuse` where its
+    cache holds the same source digest, computed (in batches of `batch_size`) otherwise. It calls
+    `on_samples(n)` as each n samples are done (copied, or one encoded batch), for the progress."""
+    plan, samples = job.plan, job.samples
+    units, ctx = stage_context(plan, job.graph, models=job.models, unit_settings=job.unit_settings)
+    if any(u.replays for u in plan.units) and batch_size != 1:
+        log.info("stage 1 runs one sample at a time: a split unit records its random part per sample")
+        batch_size = 1
+    names = [v.name for v in plan.cached]
+    ragged = {v.name: v.ragged_axis for v in plan.cached if v.ragged_axis is not None}
+    old, where = None, {}
+    if reuse is not None:
+        old = CacheReader(reuse)
+        where = {bytes(sha): i for i, sha in enumerate(old.group["index/source_sha256"][...])}
+
+    def produce(shard: list[Sample], *, on_samples: Callable[[int], None]) -> list[dict[str, torch.Tensor]]:
+        digests = [source_digest(s).source if old is not None else b"" for s in shard]
+        out: list[dict[str, torch.Tensor] | None] = [
+            old.read(where[d]) if old is not None and d in where else None for d in digests
+        ]
+        todo = [j for j, o in enumerate(out) if o is None]
+        if len(todo) < len(shard):
+            on_samples(len(shard) - len(todo))
+        for lo in range(0, len(todo), batch_size):
+            part = todo[lo : lo + batch_size]
+            for j, values in zip(
+                part, compute_samples(units, [shard[j] for j in part], ctx, names, to_cpu=True, ragged=ragged)
+            ):
+                out[j] = values
+            on_samples(len(part))
+        return out  # type: ignore[return-value]
+
+    if old is not None:
+        log.info(
+            "updating cache %s: %d of %d samples are unchanged and copied",
+            reuse,
+            sum(source_digest(s).source in where for s in samples),
+            len(samples),
+        )
+    return produce
