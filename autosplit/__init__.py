@@ -7,7 +7,8 @@ From Python::
     result = run(load_config(toml_path=None, sets=["train.num_epochs=2"], flags={"pipeline": "flux"}))
     print(result.training.losses[-1], result.training.output)
 
-`run` is imported on first use, so `import autosplit` (and `autosplit --help`) import no torch.
+`run` and `Pipeline` (a pipeline written in code, docs/units.md) are imported on first use, so
+`import autosplit` (and `autosplit --help`) import no torch.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "load_config", "run"]
+__all__ = ["Pipeline", "__version__", "load_config", "run"]
 
 
 def __getattr__(name: str) -> Any:
@@ -24,6 +25,10 @@ def __getattr__(name: str) -> Any:
         from autosplit.workflow.run import run
 
         return run
+    if name == "Pipeline":
+        from autosplit.workflow.pipeline import Pipeline
+
+        return Pipeline
     if name == "load_config":
         from autosplit.config import load_config
 

@@ -5,6 +5,13 @@ the values it writes (`outputs`) and the pipeline components it uses; its functi
 input values to a dict of output values and never reaches into global state. Random numbers come
 from `ctx.generator`, which the trainer seeds per step, so a run is reproducible and split and
 unsplit runs draw the same numbers.
+
+Units may be written as other frameworks write them (docs/units.md): an input listed in
+`optional` may be absent (the unit reads None; a dataset may or may not have the column), and a
+unit with optional inputs may then return only some of its outputs (the others are None). A unit
+that lists a value among both its inputs and its outputs rewrites it (rounds `height` up, resizes
+`edit_image`): the graph names the new version `height.v2`, and units declared after it read that
+version, units declared before it the one before.
 """
 
 from __future__ import annotations
@@ -41,7 +48,8 @@ class Unit:
     """One computation of a training step.
 
     `draws_random` declares that the unit consumes `ctx.generator` (per-step randomness);
-    the profiler checks declarations against what the unit really does.
+    the profiler checks declarations against what the unit really does. `optional` names inputs
+    that may be absent: the unit then reads None for them, and may leave out outputs (None).
     """
 
     name: str
@@ -51,15 +59,20 @@ class Unit:
     components: tuple[str, ...] = ()
     draws_random: bool = False
     doc: str = ""
+    optional: tuple[str, ...] = ()
 
     def __call__(self, values: Mapping[str, Any], ctx: UnitContext) -> dict[str, Any]:
-        missing = [name for name in self.inputs if name not in values]
+        missing = [name for name in self.inputs if name not in values and name not in self.optional]
         if missing:
             raise GraphError(f"unit {self.name!r} is missing inputs {missing}")
-        out = self.fn({name: values[name] for name in self.inputs}, ctx)
-        if set(out) != set(self.outputs):
+        out = self.fn({name: values.get(name) for name in self.inputs}, ctx)
+        if not isinstance(out, dict):
+            raise GraphError(f"unit {self.name!r} returned a {type(out).__name__}, not a dict of its outputs")
+        extra = sorted(set(out) - set(self.outputs))
+        left_out = [name for name in self.outputs if name not in out]
+        if extra or (left_out and not self.optional):
             raise GraphError(f"unit {self.name!r} returned {sorted(out)} but declares outputs {sorted(self.outputs)}")
-        return out
+        return {name: out.get(name) for name in self.outputs}
 
 
 class UnitGraph:
@@ -72,8 +85,12 @@ class UnitGraph:
 
     def __init__(self, units: list[Unit], *, sources: tuple[str, ...], loss: str = "loss"):
         self.sources = tuple(sources)
-        self.loss = loss
         self.producer: dict[str, str] = {}
+        #: value -> its versions, oldest first, when units rewrite it (`height`, `height.v2`)
+        self.versions: dict[str, tuple[str, ...]] = {}
+        units = self._versioned(units)
+        self.loss = self.versions.get(loss, (loss,))[-1]
+        loss = self.loss
         by_name: dict[str, Unit] = {}
         for unit in units:
             if unit.name in by_name:
@@ -81,9 +98,15 @@ class UnitGraph:
             by_name[unit.name] = unit
             for value in unit.outputs:
                 if value in self.sources:
-                    raise GraphError(f"unit {unit.name!r} outputs {value!r}, which is a dataset source")
+                    raise GraphError(
+                        f"unit {unit.name!r} outputs {value!r}, which is a dataset source; to rewrite it, "
+                        f"list {value!r} among the unit's inputs too"
+                    )
                 if value in self.producer:
-                    raise GraphError(f"value {value!r} is produced by both {self.producer[value]!r} and {unit.name!r}")
+                    raise GraphError(
+                        f"value {value!r} is produced by both {self.producer[value]!r} and {unit.name!r}; "
+                        f"a unit that rewrites it lists it among its inputs too"
+                    )
                 self.producer[value] = unit.name
         for unit in units:
             for value in unit.inputs:
@@ -95,6 +118,25 @@ class UnitGraph:
         if loss not in self.producer:
             raise GraphError(f"no unit produces the loss value {loss!r}")
         self.units: dict[str, Unit] = {name: by_name[name] for name in self._topological_order(by_name)}
+
+    def _versioned(self, units: list[Unit]) -> list[Unit]:
+        """`units` with rewritten values renamed: a unit reading and writing `v` that a source or a
+        unit declared before it provides writes `v.v2` (then `v.v3`, ...), and units declared after
+        it read the newest version. (Reading and writing a value nothing provides before is a cycle.)"""
+        known = set(self.sources)
+        current: dict[str, str] = {}
+        out = []
+        for unit in units:
+            reads = {v: current[v] for v in unit.inputs if v in current}
+            writes = {}
+            for v in unit.outputs:
+                if v in unit.inputs and v in known:
+                    versions = self.versions.get(v, (v,))
+                    self.versions[v] = (*versions, f"{v}.v{len(versions) + 1}")
+                    current[v] = writes[v] = self.versions[v][-1]
+            known |= set(unit.outputs)
+            out.append(_renamed(unit, reads, writes) if reads or writes else unit)
+        return out
 
     def _topological_order(self, by_name: dict[str, Unit]) -> list[str]:
         order: list[str] = []
@@ -137,6 +179,30 @@ class UnitGraph:
                     seen.add(producer)
                     stack.append(producer)
         return seen
+
+
+def _renamed(unit: Unit, reads: dict[str, str], writes: dict[str, str]) -> Unit:
+    """`unit` reading the value versions `reads` maps its inputs to and writing the versions `writes`
+    maps its outputs to; its function still sees the names it was written with."""
+    inputs = {v: reads.get(v, v) for v in unit.inputs}
+    outputs = {v: writes.get(v, v) for v in unit.outputs}
+    if inputs == {v: v for v in inputs} and outputs == {v: v for v in outputs}:
+        return unit
+
+    def fn(values: Mapping[str, Any], ctx: UnitContext) -> dict[str, Any]:
+        out = unit.fn({v: values[inputs[v]] for v in unit.inputs}, ctx)
+        return {outputs.get(k, k): value for k, value in out.items()} if isinstance(out, dict) else out
+
+    return Unit(
+        unit.name,
+        tuple(inputs.values()),
+        tuple(outputs.values()),
+        fn,
+        unit.components,
+        unit.draws_random,
+        unit.doc,
+        tuple(inputs[v] for v in unit.optional if v in inputs),
+    )
 
 
 def run_units(units: list[Unit], values: Mapping[str, Any], ctx: UnitContext) -> dict[str, Any]:

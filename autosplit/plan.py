@@ -36,6 +36,10 @@ class UnitPlacement:
     #: clean outputs the replay reads, and how many frontier tensors it reads (see autosplit.planning.fission)
     replay_reads: tuple[str, ...] = ()
     frontier: int = 0
+    #: inputs stage 2 supplies to the replay (random values drawn upstream), and the stage-2 units
+    #: stage 1 runs, on a throwaway generator, to make stand-ins of them while it records
+    replay_late: tuple[str, ...] = ()
+    stand_ins: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -53,6 +57,9 @@ class CachedValue:
     shape: tuple[int, ...] | None = None
     dtype: str | None = None
     bytes_per_sample: int | None = None
+    #: "tensor", or a Python value per sample ("text", "int", "float", "ints"): cached as a
+    #: dataset source is and handed to stage 2 as a list again
+    kind: str = "tensor"
 
 
 @dataclass(frozen=True)
@@ -69,17 +76,23 @@ class Plan:
     #: predicted bytes and FLOPs (see `predict`); empty without a profile
     predicted: dict[str, Any] = field(default_factory=dict)
     version: int = PLAN_FORMAT_VERSION
+    #: values that were None (an optional input the dataset does not have, and what a unit then
+    #: left out): never cached; stage 2 reads None for them
+    absent: tuple[str, ...] = ()
 
     def stage_units(self, stage: int) -> list[str]:
         """Units that run in `stage`, in order; a split unit is in both (its replay in stage 2)."""
         return [u.name for u in self.units if u.stage == stage or (stage == 2 and u.replays)]
 
     def components(self, stage: int) -> list[str]:
-        """Components that `stage` must build, in first-use order."""
+        """Components that `stage` must build, in first-use order (stage 1's include those of the
+        stage-2 units it runs to make stand-ins while recording a split unit)."""
+        by_name = {u.name: u for u in self.units}
         names: list[str] = []
         for unit in self.units:
             if unit.stage == stage:
-                names += [c for c in unit.components if c not in names]
+                for used in [*(by_name[n] for n in unit.stand_ins if stage == 1), unit]:
+                    names += [c for c in used.components if c not in names]
         return names
 
     def cut_signature(self) -> dict[str, Any]:
@@ -89,12 +102,23 @@ class Plan:
             "pipeline": self.pipeline,
             "task": self.task,
             "trainable": list(self.trainable),
+            # a field added since format 1 is listed only where it is set, so older caches stay current
             "units": [
                 [u.name, u.stage, list(u.components), list(u.replays), list(u.replay_reads), u.frontier]
+                + ([list(u.replay_late), list(u.stand_ins)] if u.replay_late or u.stand_ins else [])
                 for u in self.units
             ],
-            "cached": [[v.name, v.producer, v.ragged_axis, v.max_len] for v in self.cached],
+            "cached": [
+                [v.name, v.producer, v.ragged_axis, v.max_len] + ([v.kind] if v.kind != "tensor" else [])
+                for v in self.cached
+            ],
+            **({"absent": list(self.absent)} if self.absent else {}),
         }
+
+    def python_values(self) -> list[str]:
+        """Cached values that stage 2 reads as per-sample Python lists: the dataset sources and the
+        Python values (strings, numbers) units return, which the cache holds as tensors."""
+        return [v.name for v in self.cached if v.producer == SOURCE or v.kind != "tensor"]
 
     def cached_value(self, name: str) -> CachedValue:
         return next(v for v in self.cached if v.name == name)
@@ -121,6 +145,8 @@ class Plan:
                         "random_ops": tuple(u.get("random_ops", ())),
                         "replays": tuple(u.get("replays", ())),
                         "replay_reads": tuple(u.get("replay_reads", ())),
+                        "replay_late": tuple(u.get("replay_late", ())),
+                        "stand_ins": tuple(u.get("stand_ins", ())),
                     }
                 )
                 for u in data["units"]
@@ -131,6 +157,7 @@ class Plan:
             settings=data.get("settings", {}),
             predicted=data.get("predicted", {}),
             version=data["version"],
+            absent=tuple(data.get("absent", ())),
         )
 
     @classmethod
@@ -148,6 +175,9 @@ class Plan:
                 f"{list(graph.units)}; re-run `autosplit plan`"
             )
 
+
+#: cap of a text value (prompt, path) cached for stage 2, in UTF-8 bytes
+MAX_TEXT_BYTES = 1 << 16
 
 #: `CachedValue.producer` of a dataset source a stage-2 unit reads: stage 1 caches it as a tensor
 #: (text as UTF-8 bytes, numbers as int64/float64) and stage 2 turns it back into Python values

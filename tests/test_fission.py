@@ -11,7 +11,7 @@ from diffusers import AutoencoderKLQwenImage
 
 from autosplit.errors import CacheError
 from autosplit.graph import Unit, UnitContext
-from autosplit.planning.fission import record, replay
+from autosplit.planning.fission import Split, record, replay
 from autosplit.planning.tracer import new_fake_mode
 
 
@@ -194,7 +194,7 @@ def test_a_random_value_read_through_tolist_stops_stage1_before_anything_is_cach
         return {"sigma": values["x"][:, index] * 1, "noise": torch.randn(1, 4, generator=c.generator)}
 
     unit = Unit("u", ("x", "sample_id"), ("sigma", "noise"), fn)
-    stage1 = recording_unit(unit, ("noise",), 0, ())
+    stage1 = recording_unit(unit, Split(("noise",), 0, ()))
     values = {"x": torch.arange(8.0).view(2, 4)[:1], "sample_id": [0]}
     with pytest.raises(CacheError, match="its deterministic part changed with the step's random numbers"):
         stage1(values, ctx())

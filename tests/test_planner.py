@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from autosplit.adapters.qwen_image import QwenImageAdapter
 from autosplit.errors import PlanError
@@ -512,3 +516,66 @@ def test_the_step_model_hides_copies_behind_compute_until_bandwidth_is_short():
     assert hidden == 8.0  # each copy runs behind the block before it
     short = swap_step_seconds(uses, compute, 0.0, frozenset({0, 1, 2, 3}), {i: 3.0 for i in range(4)}, 2)
     assert short > 8.0
+
+
+def random_units(rng: random.Random, num_units: int) -> tuple[list[Unit], dict]:
+    """A random graph of units in DiffSynth-Studio's style over (1, 4) tensors: encoders (a frozen
+    Linear), step-noise draws, units that encode one input and pass a random one through, and
+    sums; then a loss on the trained net reading every value no unit reads."""
+    components: dict = {"net": torch.nn.Linear(4, 4)}
+    values, units, read = ["x"], [], set()
+    for i in range(num_units):
+        kind = rng.choice(["encode", "noise", "mixed", "sum"])
+        a, b = rng.choice(values), rng.choice(values)
+        name = f"u{i}"
+        if kind == "encode":
+            components[f"enc{i}"] = torch.nn.Linear(4, 4).requires_grad_(False)
+            fn = lambda v, c, a=a, i=i, n=name: {f"{n}.out": c.components[f"enc{i}"](v[a])}
+            units.append(Unit(name, (a,), (f"{name}.out",), fn, (f"enc{i}",)))
+            outs = [f"{name}.out"]
+        elif kind == "noise":
+            fn = lambda v, c, a=a, n=name: {f"{n}.out": torch.randn(v[a].shape, generator=c.generator)}
+            units.append(Unit(name, (a,), (f"{name}.out",), fn))
+            outs = [f"{name}.out"]
+        elif kind == "mixed":  # encodes `a`, passes `b` through (or a draw, when a == b)
+            components[f"enc{i}"] = torch.nn.Linear(4, 4).requires_grad_(False)
+
+            def fn(v, c, a=a, b=b, i=i, n=name):
+                passed = v[b] * 1 if a != b else torch.randn(v[a].shape, generator=c.generator)
+                return {f"{n}.enc": c.components[f"enc{i}"](v[a]), f"{n}.pass": passed}
+
+            units.append(Unit(name, tuple(dict.fromkeys((a, b))), (f"{name}.enc", f"{name}.pass"), fn, (f"enc{i}",)))
+            outs = [f"{name}.enc", f"{name}.pass"]
+        else:
+            fn = lambda v, c, a=a, b=b, n=name: {f"{n}.out": v[a] + v[b]}
+            units.append(Unit(name, tuple(dict.fromkeys((a, b))), (f"{name}.out",), fn))
+            outs = [f"{name}.out"]
+        read |= set(units[-1].inputs)
+        values += outs
+    leaves = tuple(v for v in values if v not in read) or ("x",)
+
+    def loss(v, c):
+        return {"loss": c.components["net"](sum(v[n] for n in leaves)).pow(2).mean()}
+
+    units.append(Unit("loss", leaves, ("loss",), loss, ("net",)))
+    return units, components
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), num_units=st.integers(1, 7))
+def test_mincut_and_enumeration_agree_with_per_output_placement(seed, num_units):
+    units, components = random_units(random.Random(seed), num_units)
+    graph = UnitGraph(units, sources=("x",))
+    ctx = UnitContext(components, torch.device("cpu"), torch.float32, generator=torch.Generator().manual_seed(0))
+    profile = profile_graph(graph, {"x": torch.ones(1, 4)}, ctx, pipeline="t", task="sft")
+    plans = [
+        make_plan(graph, pipeline="t", task="sft", trainable=("net",), profile=profile, solver=solver)
+        for solver in ("enumerate", "mincut")
+    ]
+    assert plans[0].units == plans[1].units and plans[0].cached == plans[1].cached
+    random_values = {v.name for u in profile.units for v in u.outputs if v.random}
+    assert not random_values & {v.name for v in plans[0].cached}  # never a per-step random value
+    for placement in plans[0].units:
+        if placement.replays:  # a split unit replays exactly its random outputs, from what stage 2 supplies
+            assert set(placement.replays) == {v.name for v in profile.unit(placement.name).outputs if v.random}
+            assert set(placement.replay_late) <= random_values

@@ -235,7 +235,9 @@ def save_lora(
 
     import diffusers
 
-    pipeline = getattr(diffusers, adapter.pipeline_class)
+    pipeline = getattr(diffusers, adapter.pipeline_class, None) if adapter.pipeline_class else None
+    if pipeline is None or not hasattr(pipeline, "save_lora_weights"):
+        return list(layers)  # no diffusers pipeline to write the file (a pipeline written in code)
     accepted = inspect.signature(pipeline.save_lora_weights).parameters
     kwargs, left = {}, []
     for name, (state, metadata) in layers.items():

@@ -38,7 +38,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from autosplit.errors import CacheError
-from autosplit.graph import Unit, UnitContext
+from autosplit.graph import Unit, UnitContext, run_units
 from autosplit.planning.replay_check import (
     REPLAYABLE_OPS,
     TOTAL_GROWTH,
@@ -124,7 +124,7 @@ def _draws_random(func: Any, args: tuple, kwargs: Mapping[str, Any]) -> bool:
 
 
 class _Recorder(TorchDispatchMode):
-    def __init__(self, generator: torch.Generator | None, device: torch.device):
+    def __init__(self, generator: torch.Generator | None, device: torch.device, late: Mapping[str, Any]):
         super().__init__()
         self.generator, self.device = generator, device
         # draws that change every step: the step generator's and the global RNGs', passed or not
@@ -141,6 +141,12 @@ class _Recorder(TorchDispatchMode):
         self.frontier_ids: dict[int, int] = {}
         self.problem: str | None = None
         self.largest = self.total = 0  # elements of the recorded ops' outputs: the most of one op, all
+        # inputs stage 2 supplies (a random or trained value): dirty from the start, referenced by name
+        for name, value in late.items():
+            for j, leaf in enumerate(tree_flatten(value)[0]):
+                if isinstance(leaf, torch.Tensor):
+                    self._mark_dirty(leaf)
+                    self._remember(leaf, ["i", name, j])
 
     def _random(self, func: Any, args: tuple, kwargs: Mapping[str, Any]) -> bool:
         if not _draws_random(func, args, kwargs):
@@ -249,9 +255,13 @@ class _Recorder(TorchDispatchMode):
         return ["f", k]
 
 
-def record(unit: Unit, values: Mapping[str, Any], ctx: UnitContext) -> tuple[dict[str, Any], Recording]:
-    """Run `unit` once under the recorder; return its outputs and the recording."""
-    recorder = _Recorder(ctx.generator, ctx.device)
+def record(
+    unit: Unit, values: Mapping[str, Any], ctx: UnitContext, *, late: tuple[str, ...] = ()
+) -> tuple[dict[str, Any], Recording]:
+    """Run `unit` once under the recorder; return its outputs and the recording. `late` are inputs
+    stage 2 supplies (random or trained values): what is computed from them is replayed in stage 2,
+    like what is computed from the unit's own random draws."""
+    recorder = _Recorder(ctx.generator, ctx.device, {name: values[name] for name in late})
     with recorder:
         out = unit(values, ctx)
     dirty_outputs, encoded = [], {}
@@ -278,21 +288,38 @@ def record(unit: Unit, values: Mapping[str, Any], ctx: UnitContext) -> tuple[dic
         "frontier": len(frontier),
         "devices": devices,
     }
+    if problem is None:
+        problem = _trained_frontier(unit, [original for original, _, _ in recorder.frontier])
     recording = Recording(graph, frontier, tuple(dirty_outputs), reads, problem)
     if problem is None and len(recording.graph_bytes()) > MAX_GRAPH_BYTES:
         recording.problem = f"its random part records {len(recorder.ops)} ops, above the {MAX_GRAPH_BYTES} B cap"
     elif problem is None:
-        recording.problem = _replay_problem(recorder, graph, frontier, {n: clean[n] for n in reads})
+        late_values = {n: values[n] for n in late}
+        recording.problem = _replay_problem(recorder, graph, frontier, {n: clean[n] for n in reads}, late_values)
     return out, recording
 
 
+def _trained_frontier(unit: Unit, frontier: list[torch.Tensor]) -> str | None:
+    """Why a replay would be wrong because it reads trained weights (cached copies would not train)."""
+    if any(t.requires_grad for t in frontier):
+        return (
+            f"its part that stage 2 recomputes reads trained weights ({', '.join(unit.components) or 'a parameter'}); "
+            f"a replay would read cached copies of them"
+        )
+    return None
+
+
 def _replay_problem(
-    recorder: _Recorder, graph: dict[str, Any], frontier: list[torch.Tensor], reads: Mapping[str, Any]
+    recorder: _Recorder,
+    graph: dict[str, Any],
+    frontier: list[torch.Tensor],
+    reads: Mapping[str, Any],
+    late: Mapping[str, Any],
 ) -> str | None:
     """Why a replay would refuse this recording (the unit then stays whole), or None."""
-    limit = element_limit([*frontier, *reads.values()])
+    limit = element_limit([*frontier, *reads.values(), *_leaves(late)])
     try:
-        check_graph(graph, num_frontier=len(frontier), reads=reads.keys(), limit=limit)
+        check_graph(graph, num_frontier=len(frontier), reads=reads.keys(), limit=limit, late=late.keys())
     except GraphRejected as exc:
         return f"its recorded random part would not pass the replay's checks: {exc}"
     if recorder.largest > limit or recorder.total > TOTAL_GROWTH * limit:
@@ -335,14 +362,23 @@ def _reuse_clean_outputs(
     return frontier, tuple(reads)
 
 
+def _leaves(values: Mapping[str, Any]) -> list[torch.Tensor]:
+    return [t for v in values.values() for t in tree_flatten(v)[0] if isinstance(t, torch.Tensor)]
+
+
 def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [""])[0][:200]
 
 
 def _decoder(
-    frontier: list[torch.Tensor], reads: Mapping[str, Any], results: list[list[Any]], ctx: UnitContext
+    frontier: list[torch.Tensor],
+    reads: Mapping[str, Any],
+    results: list[list[Any]],
+    ctx: UnitContext,
+    late: Mapping[str, list[Any]],
 ) -> Callable[[Any], Any]:
-    """Decodes a checked graph's encoded values (see `_Recorder._encode`)."""
+    """Decodes a checked graph's encoded values (see `_Recorder._encode`); `late` holds the leaves
+    of each input stage 2 supplies."""
 
     def decode(x: Any) -> Any:
         if not isinstance(x, dict):
@@ -351,6 +387,8 @@ def _decoder(
         if kind == "t":
             if value[0] == "f":
                 return frontier[value[1]]
+            if value[0] == "i":
+                return late[value[1]][value[2]]
             return reads[value[1]] if value[0] == "v" else results[value[1]][value[2]]
         if kind == "gen":
             return ctx.generator
@@ -374,11 +412,13 @@ def _execute(
     reads: Mapping[str, Any],
     ctx: UnitContext,
     *,
+    late: Mapping[str, Any],
     limit: int | None = None,
 ) -> dict[str, Any]:
     """Run the ops of a checked graph; with `limit`, refuse an op whose outputs exceed it (a dry run)."""
     results: list[list[Any]] = []
-    decode = _decoder(frontier, reads, results, ctx)
+    supplied = {name: tree_flatten(value)[0] for name, value in late.items()}
+    decode = _decoder(frontier, reads, results, ctx, supplied)
     total = 0
     for i, op in enumerate(graph["ops"]):
         try:
@@ -404,7 +444,12 @@ def _execute(
 
 
 def _dry_run(
-    graph: Mapping[str, Any], frontier: list[torch.Tensor], reads: Mapping[str, Any], ctx: UnitContext, limit: int
+    graph: Mapping[str, Any],
+    frontier: list[torch.Tensor],
+    reads: Mapping[str, Any],
+    ctx: UnitContext,
+    limit: int,
+    late: Mapping[str, Any],
 ) -> None:
     """Run a checked graph on fake tensors of the inputs' shapes: it must run, and every op return at
     most `limit` elements. Allocates and draws nothing (a throwaway generator stands in for the step's)."""
@@ -415,11 +460,20 @@ def _dry_run(
         mode = FakeTensorMode()
         fake_frontier: list[torch.Tensor] = [mode.from_tensor(t) for t in frontier]
         fake_reads = {n: mode.from_tensor(v) for n, v in reads.items()}
+        fake_late = {
+            n: [mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in tree_flatten(v)[0]]
+            for n, v in late.items()
+        }
         generator = None if ctx.generator is None else torch.Generator(ctx.generator.device)
         try:
             with mode:
                 _execute(
-                    graph, fake_frontier, fake_reads, UnitContext({}, ctx.device, ctx.dtype, generator, {}), limit=limit
+                    graph,
+                    fake_frontier,
+                    fake_reads,
+                    UnitContext({}, ctx.device, ctx.dtype, generator, {}),
+                    late=fake_late,
+                    limit=limit,
                 )
         except GraphRejected:
             raise
@@ -459,19 +513,28 @@ def replay(
     reads: Mapping[str, Any],
     ctx: UnitContext,
     *,
+    late: Mapping[str, Any] | None = None,
     source: str = "fission graph",
 ) -> dict[str, Any]:
-    """Run a recorded random part: the same ops, on the frontier tensors and clean outputs `reads`,
-    drawing from `ctx.generator`; returns the unit's random outputs.
+    """Run a recorded random part: the same ops, on the frontier tensors, the clean outputs `reads`
+    and the inputs stage 2 supplies (`late`), drawing from `ctx.generator`; returns the unit's
+    random outputs.
 
     Runs nothing from the graph until all of it passed `check_graph` and a dry run on fake tensors
     (every op's outputs within `element_limit` of the tensors read); raises CacheError, naming
     `source` (where the graph came from), the op and why, otherwise."""
-    return _replay(graph, frontier, reads, ctx, source=source, dry_run=True)
+    return _replay(graph, frontier, reads, ctx, late=late or {}, source=source, dry_run=True)
 
 
 def _replay(
-    graph: Any, frontier: list[torch.Tensor], reads: Mapping[str, Any], ctx: UnitContext, *, source: str, dry_run: bool
+    graph: Any,
+    frontier: list[torch.Tensor],
+    reads: Mapping[str, Any],
+    ctx: UnitContext,
+    *,
+    late: Mapping[str, Any],
+    source: str,
+    dry_run: bool,
 ) -> dict[str, Any]:
     version = graph.get("version") if isinstance(graph, dict) else None
     if version != GRAPH_FORMAT_VERSION:
@@ -481,12 +544,12 @@ def _replay(
             f"{source} reads {graph.get('frontier')!r} frontier tensors but {len(frontier)} were cached; re-run stage 1"
         )
     try:
-        limit = element_limit([*frontier, *reads.values()])
-        check_graph(graph, num_frontier=len(frontier), reads=reads.keys(), limit=limit)
+        limit = element_limit([*frontier, *reads.values(), *_leaves(late)])
+        check_graph(graph, num_frontier=len(frontier), reads=reads.keys(), limit=limit, late=late.keys())
         frontier, placed = _placed(graph, frontier, reads, ctx)
-        if dry_run and not _on_fake_tensors([*frontier, *placed.values()]):
-            _dry_run(graph, frontier, placed, ctx, limit)
-        return _execute(graph, frontier, placed, ctx)
+        if dry_run and not _on_fake_tensors([*frontier, *placed.values(), *_leaves(late)]):
+            _dry_run(graph, frontier, placed, ctx, limit, late)
+        return _execute(graph, frontier, placed, ctx, late=late)
     except GraphRejected as exc:
         raise CacheError(
             f"{source}: {exc}; it is not what autosplit's stage 1 records (the cache was altered or "
@@ -503,19 +566,39 @@ def split_outputs(unit: Unit, dirty: tuple[str, ...], frontier_count: int) -> tu
     )
 
 
-def replay_inputs(unit: str, reads: tuple[str, ...], frontier_count: int) -> tuple[str, ...]:
-    """What the stage-2 form of a split unit reads: the frontier, clean outputs, the graph."""
-    return (*[frontier_name(unit, k) for k in range(frontier_count)], *reads, graph_name(unit))
+def replay_inputs(
+    unit: str, reads: tuple[str, ...], frontier_count: int, late: tuple[str, ...] = ()
+) -> tuple[str, ...]:
+    """What the stage-2 form of a split unit reads: the frontier, clean outputs, the graph, and the
+    inputs stage 2 supplies."""
+    return (*[frontier_name(unit, k) for k in range(frontier_count)], *reads, graph_name(unit), *late)
 
 
-def recording_unit(unit: Unit, dirty: tuple[str, ...], frontier_count: int, reads: tuple[str, ...]) -> Unit:
+@dataclass(frozen=True)
+class Split:
+    """How a unit is split (a plan's `UnitPlacement` says it): the outputs stage 2 replays, the
+    frontier tensors and clean outputs the replay reads, and the inputs stage 2 supplies (`late`)."""
+
+    dirty: tuple[str, ...]
+    frontier: int
+    reads: tuple[str, ...]
+    late: tuple[str, ...] = ()
+
+
+def recording_unit(unit: Unit, split: Split, stand_ins: list[Unit] | None = None) -> Unit:
     """The stage-1 form of a split unit, one sample per call (batch 1). Its random part runs on a
-    throwaway generator and its random outputs are dropped.
+    throwaway generator and its random outputs are dropped. The inputs stage 2 supplies are made
+    by running `stand_ins` (the stage-2 units that compute them, in order) on that generator first:
+    stand-ins with the shapes of the real ones, whose values never reach the cache.
 
     The first sample is recorded twice, with two generators: a random value that reached Python
     without an op the recorder sees (`.tolist()`, `.numpy()`) would change the clean part or the
     graph, and nothing is cached then."""
     checked: list[bool] = []
+    stand_ins = stand_ins or []
+    made = {v for u in stand_ins for v in u.outputs}
+    needs = [v for u in stand_ins for v in u.inputs if v not in made]
+    inputs = tuple(dict.fromkeys([*(v for v in unit.inputs if v not in split.late), *needs]))
 
     def fn(values: Mapping[str, Any], ctx: UnitContext) -> dict[str, Any]:
         first = next((v for v in values.values() if isinstance(v, list)), None)
@@ -526,54 +609,65 @@ def recording_unit(unit: Unit, dirty: tuple[str, ...], frontier_count: int, read
 
         def run(seed: int) -> tuple[dict[str, Any], Recording]:
             generator = torch.Generator().manual_seed(seed)  # a CPU generator, like the trainer's step generator
-            return record(unit, values, UnitContext(ctx.components, ctx.device, ctx.dtype, generator, ctx.settings))
+            seeded = UnitContext(ctx.components, ctx.device, ctx.dtype, generator, ctx.settings)
+            given = run_units(stand_ins, values, seeded) if stand_ins else values
+            return record(unit, given, seeded, late=split.late)
 
         out, rec = run(0)
         if not checked and rec.problem is None:
             other_out, other = run(1)
-            same = (
-                rec.graph_bytes() == other.graph_bytes()
-                and len(rec.frontier) == len(other.frontier)
-                and all(torch.equal(a, b) for a, b in zip(rec.frontier, other.frontier))
-                and all(
-                    torch.equal(out[n], other_out[n])
-                    for n in unit.outputs
-                    if n not in dirty and isinstance(out[n], torch.Tensor)
-                )
-            )
-            if not same:
-                raise CacheError(
-                    f"unit {unit.name!r}: its deterministic part changed with the step's random "
-                    f"numbers (a random value read into Python without a tensor op, e.g. .tolist() "
-                    f"or .numpy()), so it cannot be split; keep random values in tensors, or plan "
-                    f"with --profile none to keep it whole in stage 2"
-                )
+            _check_same(unit, split, (out, rec), (other_out, other))
             checked.append(True)
         if rec.problem is not None:
             raise CacheError(
                 f"unit {unit.name!r} cannot be split for this sample: {rec.problem}; "
                 f"plan with --profile none to keep it whole in stage 2"
             )
-        if rec.dirty_outputs != dirty or len(rec.frontier) != frontier_count or rec.reads != reads:
+        if rec.dirty_outputs != split.dirty or len(rec.frontier) != split.frontier or rec.reads != split.reads:
             raise CacheError(
                 f"unit {unit.name!r}: its random part differs from the profiled one for this sample "
                 f"(random outputs {list(rec.dirty_outputs)}, {len(rec.frontier)} frontier tensors, "
-                f"reads {list(rec.reads)}; profiled {list(dirty)}, {frontier_count}, {list(reads)}); "
+                f"reads {list(rec.reads)}; profiled {list(split.dirty)}, {split.frontier}, {list(split.reads)}); "
                 f"plan with --profile none to keep it whole in stage 2"
             )
-        result = {name: out[name] for name in unit.outputs if name not in dirty}
+        result = {name: out[name] for name in unit.outputs if name not in split.dirty}
         result.update({frontier_name(unit.name, k): t.unsqueeze(0) for k, t in enumerate(rec.frontier)})
         result[graph_name(unit.name)] = torch.frombuffer(bytearray(rec.graph_bytes()), dtype=torch.uint8).unsqueeze(0)
         return result
 
-    return Unit(unit.name, unit.inputs, split_outputs(unit, dirty, frontier_count), fn, unit.components, doc=unit.doc)
+    outputs = split_outputs(unit, split.dirty, split.frontier)
+    return Unit(unit.name, inputs, outputs, fn, unit.components, doc=unit.doc)
 
 
-def replay_unit(unit: Unit, dirty: tuple[str, ...], frontier_count: int, reads: tuple[str, ...]) -> Unit:
+def _check_same(
+    unit: Unit, split: Split, a: tuple[dict[str, Any], Recording], b: tuple[dict[str, Any], Recording]
+) -> None:
+    """Raise CacheError unless two recordings with different random numbers agree on the clean part."""
+    (out, rec), (other_out, other) = a, b
+    same = (
+        rec.graph_bytes() == other.graph_bytes()
+        and len(rec.frontier) == len(other.frontier)
+        and all(torch.equal(x, y) for x, y in zip(rec.frontier, other.frontier))
+        and all(
+            torch.equal(out[n], other_out[n])
+            for n in unit.outputs
+            if n not in split.dirty and isinstance(out[n], torch.Tensor)
+        )
+    )
+    if not same:
+        raise CacheError(
+            f"unit {unit.name!r}: its deterministic part changed with the step's random "
+            f"numbers (a random value read into Python without a tensor op, e.g. .tolist() "
+            f"or .numpy()), so it cannot be split; keep random values in tensors, or plan "
+            f"with --profile none to keep it whole in stage 2"
+        )
+
+
+def replay_unit(unit: Unit, split: Split) -> Unit:
     """The stage-2 form of a split unit: replays the recorded random part of the (single) sample
-    of the batch from the cache, with the step's generator. Uses no component. Each graph is
-    checked (`replay`) before it first runs; the cache is named in errors if `ctx.settings` has its
-    `cache_path`."""
+    of the batch from the cache, with the step's generator and the inputs stage 2 supplies. Uses no
+    component. Each graph is checked (`replay`) before it first runs; the cache is named in errors
+    if `ctx.settings` has its `cache_path`."""
     checked: dict[tuple[Any, ...], Any] = {}  # graphs that passed the dry run, by bytes and the inputs' shapes
 
     def fn(values: Mapping[str, Any], ctx: UnitContext) -> dict[str, Any]:
@@ -586,37 +680,32 @@ def replay_unit(unit: Unit, dirty: tuple[str, ...], frontier_count: int, reads: 
         cache = ctx.settings.get("cache_path")
         source = f"cache {cache}, value {graph_name(unit.name)}" if cache else f"cached {graph_name(unit.name)}"
         raw = bytes(graphs[0].cpu().numpy().tobytes()).rstrip(b"\0")
-        frontier = [values[frontier_name(unit.name, k)][0] for k in range(frontier_count)]
-        read = {name: values[name] for name in reads}
-        key = (
-            raw,
-            *[
-                (tuple(t.shape), t.dtype, t.stride())
-                for t in [*frontier, *read.values()]
-                if isinstance(t, torch.Tensor)
-            ],
-        )
+        frontier = [values[frontier_name(unit.name, k)][0] for k in range(split.frontier)]
+        read = {name: values[name] for name in split.reads}
+        late = {name: values[name] for name in split.late}
+        shapes = [(tuple(t.shape), t.dtype, t.stride()) for t in [*frontier, *_leaves(read), *_leaves(late)]]
+        key = (raw, *shapes)
         graph = checked.get(key)
         if graph is not None:
-            out = _replay(graph, frontier, read, ctx, source=source, dry_run=False)
+            out = _replay(graph, frontier, read, ctx, late=late, source=source, dry_run=False)
         else:
             graph = _parse(raw, source)
-            out = _replay(graph, frontier, read, ctx, source=source, dry_run=True)
+            out = _replay(graph, frontier, read, ctx, late=late, source=source, dry_run=True)
             checked[key] = graph
             if len(checked) > 64:
                 checked.pop(next(iter(checked)))
-        if tuple(out) != dirty:
-            raise CacheError(f"{source}: the graph returns {list(out)}, not {list(dirty)}; re-run stage 1")
+        if tuple(out) != split.dirty:
+            raise CacheError(f"{source}: the graph returns {list(out)}, not {list(split.dirty)}; re-run stage 1")
         return out
 
     return Unit(
         unit.name,
-        replay_inputs(unit.name, reads, frontier_count),
-        dirty,
+        replay_inputs(unit.name, split.reads, split.frontier, split.late),
+        split.dirty,
         fn,
         (),
         draws_random=True,
-        doc=f"replays the random part of {unit.name}",
+        doc=f"replays the part of {unit.name} that stage 2 supplies or draws",
     )
 
 

@@ -22,7 +22,7 @@ from typing import Any
 
 from autosplit.errors import ConfigError, PlanError
 from autosplit.graph import Unit, UnitGraph
-from autosplit.plan import SOURCE, CachedValue, Plan, UnitPlacement
+from autosplit.plan import MAX_TEXT_BYTES, SOURCE, CachedValue, Plan, UnitPlacement
 from autosplit.planning.cut import CutProblem, solve_enumerate, solve_mincut
 from autosplit.planning.fission import (
     MAX_GRAPH_BYTES,
@@ -30,7 +30,7 @@ from autosplit.planning.fission import (
     replay_inputs,
     split_outputs,
 )
-from autosplit.planning.profile import FissionProfile, Profile
+from autosplit.planning.profile import PYTHON_KINDS, FissionProfile, Profile
 
 ENUMERATION_LIMIT = 16  # eligible units up to which the exact search is used
 
@@ -59,26 +59,37 @@ def _facts(unit: Unit, trainable: tuple[str, ...], profile: Profile | None) -> _
     return _Facts(uses, measured.needs_grad or bool(uses), random_ops, measured.peak_bytes, measured.flops, clean)
 
 
-def _forced_reason(facts: _Facts, unit: Unit, profile: Profile | None, split: bool, batch_size: int) -> str | None:
+def _forced_reason(
+    facts: _Facts, unit: Unit, profile: Profile | None, split: bool, batch_size: int, refused: dict[str, str]
+) -> str | None:
     if facts.uses_trainable:
         return f"stage 2: uses trainable {', '.join(facts.uses_trainable)} (outputs need grad)"
     if facts.needs_grad:
         return "stage 2: outputs need grad"
     if facts.random_ops:
         ops = "declared draws_random" if facts.random_ops == ("declared",) else ", ".join(facts.random_ops)
-        note = ""
-        partial = [v for v in facts.clean_outputs if v in unit.outputs]
-        if partial and len(partial) < len(unit.outputs):
-            f = profile.unit(unit.name).fission if profile is not None else None
-            which = ", ".join(partial)
-            if f is None:
-                note = f"; {which} alone would be cacheable: split the unit to cache them"
-            elif f.problem is not None:
-                note = f"; {which} alone would be cacheable, but it cannot be split: {f.problem}"
-            elif split and batch_size != 1:
-                note = f"; {which} would be cached by splitting the unit, which needs --batch_size 1"
+        note = _cacheable_note(facts, unit, profile, split, batch_size, refused)
         return f"stage 2: draws per-step random numbers ({ops}){note}"
     return None
+
+
+def _cacheable_note(
+    facts: _Facts, unit: Unit, profile: Profile | None, split: bool, batch_size: int, refused: dict[str, str]
+) -> str:
+    """What of a whole stage-2 unit would be cacheable on its own, and why it is not split."""
+    partial = [v for v in facts.clean_outputs if v in unit.outputs]
+    if not partial or len(partial) == len(unit.outputs):
+        return ""
+    f = profile.unit(unit.name).fission if profile is not None else None
+    which = ", ".join(partial)
+    if f is None:
+        return f"; {which} alone would be cacheable: split the unit to cache them"
+    problem = f.problem or refused.get(unit.name)
+    if problem is not None:
+        return f"; {which} alone would be cacheable, but it cannot be split: {problem}"
+    if split and batch_size != 1:
+        return f"; {which} would be cached by splitting the unit, which needs --batch_size 1"
+    return ""
 
 
 def make_plan(
@@ -109,10 +120,10 @@ def make_plan(
             f"{list(graph.units)}; re-run `autosplit profile`"
         )
     layouts = dict(layouts or {})
-    fissions = _fissions(graph, profile, split, batch_size, trainable)
+    fissions, refused = _fissions(graph, profile, split, batch_size, trainable)
     parts = _planning_graph(graph, fissions)
     facts = {u.name: _facts(u, trainable, profile) for u in graph}
-    forced = {u.name: _forced_reason(facts[u.name], u, profile, split, batch_size) for u in graph}
+    forced = {u.name: _forced_reason(facts[u.name], u, profile, split, batch_size, refused) for u in graph}
     for name, f in fissions.items():
         facts[replay_name(name)] = dataclasses.replace(facts[name], peak_bytes=f.peak_bytes, flops=f.flops)
         forced[replay_name(name)] = forced.pop(name)
@@ -124,7 +135,8 @@ def make_plan(
     if solver == "auto":
         solver = "enumerate" if eligible <= ENUMERATION_LIMIT else "mincut"
     stage1 = solve_enumerate(problem) if solver == "enumerate" else solve_mincut(problem)
-    cached = _cached_values(parts, stage1, layouts, profile, fissions)
+    cached, absent = _cached_values(parts, stage1, layouts, profile, fissions)
+    notes = {u.name: _cacheable_note(facts[u.name], u, profile, split, batch_size, refused) for u in graph}
     placements = tuple(
         _placement(
             u,
@@ -136,6 +148,8 @@ def make_plan(
             profile,
             split,
             fissions.get(u.name),
+            stand_ins=_stand_ins(graph, parts, stage1, fissions.get(u.name)),
+            note=notes[u.name],
         )
         for u in graph
     )
@@ -147,6 +161,7 @@ def make_plan(
         units=placements,
         cached=tuple(cached),
         settings=dict(settings or {}),
+        absent=absent,
     )
     if profile is not None:
         plan = replace_predicted(plan, predict(plan, profile, batch_size=batch_size))
@@ -161,18 +176,22 @@ class _GraphLayout:
     max_len: int = MAX_GRAPH_BYTES
 
 
+REPLAY_SUFFIX = "@replay"
+
+
 def replay_name(unit: str) -> str:
-    return f"{unit}@replay"
+    return f"{unit}{REPLAY_SUFFIX}"
 
 
 def _fissions(
     graph: UnitGraph, profile: Profile | None, split: bool, batch_size: int, trainable: tuple[str, ...]
-) -> dict[str, FissionProfile]:
+) -> tuple[dict[str, FissionProfile], dict[str, str]]:
     """Units the solver may split: recorded without a problem, in a split run with batch size 1, and
-    with a deterministic part worth caching (a cacheable output, or weights it uses)."""
+    with a deterministic part worth caching (a cacheable output, or weights it uses); and, by name,
+    why a recorded unit may not be (the inputs stage 2 supplies it cannot be made in stage 1)."""
     if profile is None or not split or batch_size != 1:
-        return {}
-    found = {}
+        return {}, {}
+    found, refused = {}, {}
     for unit in graph:
         measured = profile.unit(unit.name)
         f = measured.fission
@@ -180,10 +199,55 @@ def _fissions(
             continue  # a trainable component's outputs need grad: the unit is not cacheable at all
         if not {v.name for v in measured.outputs if v.random} <= set(f.dirty_outputs):
             continue  # the recorder missed a random output the tracer saw: never cache it
+        problem = _stand_in_problem(graph, f.late, profile, trainable)
+        if problem is not None:
+            refused[unit.name] = problem
+            continue
         # worth splitting only if the deterministic part yields an output or uses weights
         if len(f.dirty_outputs) < len(unit.outputs) or any(profile.component(c) is not None for c in unit.components):
             found[unit.name] = f
-    return found
+    return found, refused
+
+
+def _stand_in_problem(
+    graph: UnitGraph, late: tuple[str, ...], profile: Profile, trainable: tuple[str, ...]
+) -> str | None:
+    """Why stage 1 cannot compute stand-ins of the inputs `late` (what computes them trains), or None."""
+    for value in late:
+        producer = graph.producer[value]
+        for name in [producer, *sorted(graph.upstream_units(producer))]:
+            uses = [c for c in graph[name].components if c in trainable]
+            if uses or profile.unit(name).needs_grad:
+                what = f"trainable {', '.join(uses)}" if uses else "values that need grad"
+                return (
+                    f"it reads {value}, which unit {name!r} computes from {what}: stage 1 cannot make a "
+                    f"stand-in of it to record what the unit does with it"
+                )
+    return None
+
+
+def _stand_ins(
+    graph: UnitGraph, parts: UnitGraph, stage1: frozenset[str], fission: FissionProfile | None
+) -> tuple[str, ...]:
+    """The units stage 1 runs to make stand-ins of the inputs a split unit's replay reads from stage 2:
+    those computing them from what stage 1 has (dataset sources and the clean outputs it computes)."""
+    if fission is None or not fission.late:
+        return ()
+
+    def unit_of(value: str) -> str | None:
+        producer = parts.producer.get(value)
+        if producer is None or producer in stage1:
+            return None  # a source, or a value stage 1 computes
+        return producer.removesuffix(REPLAY_SUFFIX)
+
+    chain: set[str] = set()
+    stack = [u for v in fission.late if (u := unit_of(v)) is not None]
+    while stack:
+        name = stack.pop()
+        if name not in chain:
+            chain.add(name)
+            stack += [u for v in graph[name].inputs if (u := unit_of(v)) is not None]
+    return tuple(n for n in graph.units if n in chain)
 
 
 def _planning_graph(graph: UnitGraph, fissions: dict[str, FissionProfile]) -> UnitGraph:
@@ -197,8 +261,11 @@ def _planning_graph(graph: UnitGraph, fissions: dict[str, FissionProfile]) -> Un
             units.append(unit)
             continue
         n = len(f.frontier)
-        units.append(Unit(unit.name, unit.inputs, split_outputs(unit, f.dirty_outputs, n), unit.fn, unit.components))
-        units.append(Unit(replay_name(unit.name), replay_inputs(unit.name, f.reads, n), f.dirty_outputs, unit.fn))
+        clean_inputs = tuple(v for v in unit.inputs if v not in f.late)  # what stage 2 supplies goes to the replay
+        outputs = split_outputs(unit, f.dirty_outputs, n)
+        units.append(Unit(unit.name, clean_inputs, outputs, unit.fn, unit.components))
+        inputs = replay_inputs(unit.name, f.reads, n, f.late)
+        units.append(Unit(replay_name(unit.name), inputs, f.dirty_outputs, unit.fn))
     return UnitGraph(units, sources=graph.sources, loss=graph.loss)
 
 
@@ -252,8 +319,10 @@ def _cached_values(
     layouts: dict[str, Any],
     profile: Profile | None,
     fissions: dict[str, FissionProfile],
-) -> list[CachedValue]:
-    cached = []
+) -> tuple[list[CachedValue], tuple[str, ...]]:
+    """The values that cross the cut, and those of them that were None when profiled (absent: not
+    cached). Raises PlanError for a value the cache cannot hold."""
+    cached, absent = [], []
     for source in graph.sources:  # dataset values a stage-2 unit reads (the prompt, when text encoding trains)
         if any(c not in stage1 for c in graph.consumers(source)):
             layout = layouts.get(source)
@@ -269,30 +338,63 @@ def _cached_values(
         if unit.name not in stage1:
             continue
         for value in unit.outputs:
-            if any(c not in stage1 for c in graph.consumers(value)):
-                layout = layouts.get(value)
-                shape: tuple[int, ...] | None = None
-                dtype: str | None = None
-                nbytes: int | None = None
-                if profile is not None and _graph_of(value, fissions) is not None:
-                    nbytes = _per_sample(profile, value, fissions)
-                    shape, dtype = (nbytes,), "uint8"
-                elif profile is not None:
-                    measured = profile.value(value)
-                    shape, dtype = measured.shape[1:], measured.dtype
-                    nbytes = _per_sample(profile, value, fissions)
-                cached.append(
-                    CachedValue(
-                        value,
-                        unit.name,
-                        ragged_axis=getattr(layout, "ragged_axis", None),
-                        max_len=getattr(layout, "max_len", None),
-                        shape=shape,
-                        dtype=dtype,
-                        bytes_per_sample=nbytes,
-                    )
+            if not any(c not in stage1 for c in graph.consumers(value)):
+                continue
+            kind = _kind(profile, value, fissions, unit.name)
+            if kind == "none":
+                absent.append(value)
+                continue
+            layout = layouts.get(value) or (_TextLayout() if kind == "text" else None)
+            shape: tuple[int, ...] | None = None
+            dtype: str | None = None
+            nbytes: int | None = None
+            if profile is not None and _graph_of(value, fissions) is not None:
+                nbytes = _per_sample(profile, value, fissions)
+                shape, dtype = (nbytes,), "uint8"
+            elif profile is not None and kind == "tensor":
+                measured = profile.value(value)
+                shape, dtype = measured.shape[1:], measured.dtype
+                nbytes = _per_sample(profile, value, fissions)
+            cached.append(
+                CachedValue(
+                    value,
+                    unit.name,
+                    ragged_axis=getattr(layout, "ragged_axis", None),
+                    max_len=getattr(layout, "max_len", None),
+                    shape=shape,
+                    dtype=dtype,
+                    bytes_per_sample=nbytes,
+                    kind=kind if kind in PYTHON_KINDS else "tensor",
                 )
-    return cached
+            )
+    return cached, tuple(absent)
+
+
+@dataclass(frozen=True)
+class _TextLayout:
+    """A cached string is ragged UTF-8 bytes, as a text source is."""
+
+    ragged_axis: int = 0
+    max_len: int = MAX_TEXT_BYTES
+
+
+def _kind(profile: Profile | None, value: str, fissions: dict[str, FissionProfile], producer: str) -> str:
+    """What a value crossing the cut is per sample (a tensor without a profile); raises PlanError
+    for one the cache cannot hold."""
+    if profile is None or _graph_of(value, fissions) is not None:
+        return "tensor"
+    try:
+        kind = profile.value(value).kind
+    except StopIteration:  # a frontier tensor
+        return "tensor"
+    if kind in ("tensor", "tensors", "none", *PYTHON_KINDS):
+        return kind
+    raise PlanError(
+        f"value {value!r} (from unit {producer!r}) would be cached, but it is a {kind.removeprefix('object ')} "
+        f"per sample and the cache holds only tensors, numbers, strings and lists of ints (None where an input "
+        f"is optional): return a tensor from {producer!r} (e.g. torchvision's pil_to_tensor for an image), or "
+        f"compute the value in the unit that reads it"
+    )
 
 
 def _placement(
@@ -305,6 +407,9 @@ def _placement(
     profile: Profile | None,
     split: bool,
     fission: FissionProfile | None,
+    *,
+    stand_ins: tuple[str, ...] = (),
+    note: str = "",
 ) -> UnitPlacement:
     measured = profile.unit(unit.name) if profile else None
     if fission is not None:
@@ -319,10 +424,20 @@ def _placement(
             *([f"{len(fission.frontier)} frontier tensors"] if fission.frontier else []),
             "the recorded graph",
         ]
+        replayed = [
+            *([f"the random part ({ops}, {fission.ops} ops)"] if ops else []),
+            *(
+                [f"what it computes from {', '.join(fission.late)} ({fission.ops} ops)"]
+                if fission.late and not ops
+                else []
+            ),
+            *([f"what it computes from {', '.join(fission.late)}"] if fission.late and ops else []),
+        ]
+        made = f"; stage 1 runs {', '.join(stand_ins)} to record it" if stand_ins else ""
         reason = (
             f"split: stage 1 caches {', '.join(parts[:-1])} and {parts[-1]}, {_kib(size)} per sample; "
-            f"stage 2 replays the random part ({ops}, {fission.ops} ops) without "
-            f"{', '.join(unit.components) or 'the unit'}"
+            f"stage 2 replays {' and '.join(replayed)} without "
+            f"{', '.join(unit.components) or 'the unit'}{made}"
         )
         return UnitPlacement(
             unit.name,
@@ -337,6 +452,8 @@ def _placement(
             replays=fission.dirty_outputs,
             replay_reads=fission.reads,
             frontier=len(fission.frontier),
+            replay_late=fission.late,
+            stand_ins=stand_ins,
         )
     if fission is not None and measured is not None:
         facts = dataclasses.replace(facts, random_ops=measured.random_ops)
@@ -360,7 +477,7 @@ def _placement(
     else:
         late = [v for v in unit.inputs if graph.producer.get(v) and graph.producer[v] not in stage1]
         reason = forced or (
-            f"stage 2: reads {', '.join(late)} from stage 2"
+            f"stage 2: reads {', '.join(late)} from stage 2{note}"
             if late
             else "stage 2: cheaper to run every step than to cache (lower stage-2 memory)"
         )

@@ -25,6 +25,14 @@ class ValueProfile:
     #: the unit's inputs this output was computed from (traced through tensor ops; non-tensor
     #: inputs such as strings are assumed to reach every output)
     depends_on: tuple[str, ...]
+    #: what the value is, per sample (`value_kind`): "tensor", "tensors" (a list of them), "text",
+    #: "int", "float", "ints" (int tuples), "none" (absent), or "object NAME" (nothing a cache holds)
+    kind: str = "tensor"
+
+
+#: value kinds the cache holds besides tensors: Python values, cached as a dataset source is
+#: (autosplit.storage.codec.encode_source) and turned back into per-sample lists in stage 2
+PYTHON_KINDS = ("text", "int", "float", "ints")
 
 
 @dataclass(frozen=True)
@@ -45,6 +53,8 @@ class FissionProfile:
     flops: int
     seconds: float
     problem: str | None = None
+    #: the unit's inputs that are random (drawn upstream): stage 2 supplies them to the replay
+    late: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -171,6 +181,7 @@ class Profile:
                     "dirty_outputs": tuple(f["dirty_outputs"]),
                     "reads": tuple(f["reads"]),
                     "frontier": tuple(value(v) for v in f["frontier"]),
+                    "late": tuple(f.get("late", ())),
                 }
             )
 

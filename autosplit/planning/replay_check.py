@@ -81,6 +81,8 @@ class _Scope:
     num_frontier: int
     reads: frozenset[str]
     limit: int
+    #: the inputs stage 2 supplies (a random draw or a trained output, read by name)
+    late: frozenset[str] = frozenset()
 
 
 def element_limit(tensors: Iterable[Any]) -> int:
@@ -88,10 +90,13 @@ def element_limit(tensors: Iterable[Any]) -> int:
     return max([MIN_ELEMENT_LIMIT, *(ELEMENT_GROWTH * t.numel() for t in tensors if isinstance(t, torch.Tensor))])
 
 
-def check_graph(graph: Any, *, num_frontier: int, reads: Collection[str], limit: int) -> None:
+def check_graph(
+    graph: Any, *, num_frontier: int, reads: Collection[str], limit: int, late: Collection[str] = ()
+) -> None:
     """Raise GraphRejected unless `graph` is what the recorder writes: at most MAX_REPLAY_OPS ops,
     each in REPLAYABLE_OPS, each argument of the kind its schema names (a reference to an earlier
-    op's output, one of the `num_frontier` frontier tensors or a clean output in `reads`; a number,
+    op's output, one of the `num_frontier` frontier tensors, a clean output in `reads` or a tensor
+    of an input in `late`, which stage 2 supplies; a number,
     bool or None; a dtype, the strided layout, a memory format, a device, the step generator; a
     list of those, with int lists of at most `limit` elements). Runs nothing."""
     if (
@@ -103,14 +108,14 @@ def check_graph(graph: Any, *, num_frontier: int, reads: Collection[str], limit:
     ops = graph["ops"]
     if len(ops) > MAX_REPLAY_OPS:
         raise GraphRejected(f"it holds {len(ops)} ops, above the cap of {MAX_REPLAY_OPS}")
-    names = frozenset(reads)
+    names, supplied = frozenset(reads), frozenset(late)
     for i, op in enumerate(ops):
         try:
-            _check_op(op, _Scope(i, num_frontier, names, limit))
+            _check_op(op, _Scope(i, num_frontier, names, limit, supplied))
         except GraphRejected as exc:
             name = op.get("op") if isinstance(op, dict) else None
             raise GraphRejected(f"op {i} ({name[:80] if isinstance(name, str) else '?'}) {exc}") from None
-    scope = _Scope(len(ops), num_frontier, names, limit)
+    scope = _Scope(len(ops), num_frontier, names, limit, supplied)
     for name, value in graph["outputs"].items():
         if not _is_output(value, scope, depth=0):
             raise GraphRejected(f"output {name!r} is not made of references to the replay's tensors")
@@ -189,6 +194,8 @@ def _is_ref(x: Any, scope: _Scope) -> bool:
         return len(ref) == 2 and _is_int(ref[1]) and 0 <= ref[1] < scope.num_frontier
     if ref[0] == "v":
         return len(ref) == 2 and _is_name(ref[1], scope.reads)
+    if ref[0] == "i":
+        return len(ref) == 3 and _is_name(ref[1], scope.late) and _is_int(ref[2]) and 0 <= ref[2] < _MAX_LIST
     return (
         ref[0] == "o"
         and len(ref) == 3

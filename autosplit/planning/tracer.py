@@ -22,11 +22,13 @@ backward peak (seen here: +0.87 GiB per Qwen-Image block).
 from __future__ import annotations
 
 import gc
+import numbers
 import time
 import weakref
 from collections.abc import Iterator, Mapping
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -218,10 +220,41 @@ def _tensors(value: Any) -> list[torch.Tensor]:
     return [t for t in tree_flatten(value)[0] if isinstance(t, torch.Tensor)]
 
 
+def value_kind(value: Any) -> str:
+    """What a unit output is (see `ValueProfile.kind`): a tensor with a batch axis, or a list of
+    per-sample values, all of one kind."""
+    if value is None:
+        return "none"
+    if isinstance(value, torch.Tensor):
+        return "tensor"
+    if not isinstance(value, (list, tuple)):
+        return f"object {type(value).__module__}.{type(value).__qualname__}"
+
+    def one(x: Any) -> str:
+        if x is None:
+            return "none"
+        if isinstance(x, torch.Tensor):
+            return "tensors"
+        if isinstance(x, (str, Path)):
+            return "text"
+        if isinstance(x, (bool, numbers.Integral)):
+            return "int"
+        if isinstance(x, numbers.Real):
+            return "float"
+        if isinstance(x, (list, tuple)) and all(isinstance(v, numbers.Integral) for v in x):
+            return "ints"
+        return f"object {type(x).__module__}.{type(x).__qualname__}"
+
+    kinds = {one(x) for x in value} or {"none"}
+    if kinds == {"int", "float"}:
+        return "float"
+    return kinds.pop() if len(kinds) == 1 else f"mixed {' and '.join(sorted(kinds))}"
+
+
 def _value_profile(name: str, value: Any, tracer: _Tracer, unit: Unit, values: Mapping[str, Any]) -> ValueProfile:
     tensors = _tensors(value)
     labels = frozenset().union(*(tracer.labels(t) for t in tensors)) if tensors else frozenset()
-    non_tensor_inputs = {n for n in unit.inputs if not _tensors(values[n])}
+    non_tensor_inputs = {n for n in unit.inputs if values.get(n) is not None and not _tensors(values[n])}
     depends = sorted((labels - {RANDOM}) & set(unit.inputs) | non_tensor_inputs)
     first = tensors[0] if tensors else None
     return ValueProfile(
@@ -232,6 +265,7 @@ def _value_profile(name: str, value: Any, tracer: _Tracer, unit: Unit, values: M
         needs_grad=any(t.requires_grad for t in tensors),
         random=RANDOM in labels,
         depends_on=tuple(depends),
+        kind=value_kind(value),
     )
 
 
@@ -244,7 +278,7 @@ def profile_unit(
         tracing = m.tracer
         assert tracing is not None  # _measure always traces
         for name in unit.inputs:
-            for t in _tensors(values[name]):
+            for t in _tensors(values.get(name)):
                 tracing.label(t, name)
                 if name in random_inputs:
                     tracing.label(t, RANDOM)
@@ -254,8 +288,8 @@ def profile_unit(
     outputs = tuple(_value_profile(name, out[name], tracer, unit, values) for name in unit.outputs)
     random = [v for v in outputs if v.random]
     split = None
-    if random and not random_inputs & set(unit.inputs) and not any(v.needs_grad for v in outputs):
-        split = _profile_fission(unit, values, ctx)
+    if random and not any(v.needs_grad for v in outputs):
+        split = _profile_fission(unit, values, ctx, tuple(n for n in unit.inputs if n in random_inputs))
     profile = UnitProfile(
         name=unit.name,
         components=unit.components,
@@ -271,12 +305,13 @@ def profile_unit(
     return profile, out
 
 
-def _profile_fission(unit: Unit, values: Mapping[str, Any], ctx: UnitContext) -> FissionProfile:
-    """Run `unit` again under the fission recorder, then measure the replay of its random part."""
+def _profile_fission(unit: Unit, values: Mapping[str, Any], ctx: UnitContext, late: tuple[str, ...]) -> FissionProfile:
+    """Run `unit` again under the fission recorder, then measure the replay of its random part
+    (what it computes from its own draws and from the random inputs `late`)."""
     from autosplit.planning.fission import frontier_name, record, replay
 
     batch = next((len(v) for v in values.values() if isinstance(v, list)), 1)
-    out, rec = record(unit, values, ctx)
+    out, rec = record(unit, values, ctx, late=late)
     frontier = tuple(
         ValueProfile(
             frontier_name(unit.name, k),
@@ -293,7 +328,7 @@ def _profile_fission(unit: Unit, values: Mapping[str, Any], ctx: UnitContext) ->
     seconds = 0.0
     if rec.problem is None:
         with _measure(ctx.device, ctx.generator) as m:
-            replay(rec.graph, rec.frontier, {n: out[n] for n in rec.reads}, ctx)
+            replay(rec.graph, rec.frontier, {n: out[n] for n in rec.reads}, ctx, late={n: values[n] for n in late})
         peak, flops, seconds = m.peak_bytes, m.flops, m.seconds
     return FissionProfile(
         rec.dirty_outputs,
@@ -305,6 +340,7 @@ def _profile_fission(unit: Unit, values: Mapping[str, Any], ctx: UnitContext) ->
         flops,
         seconds,
         rec.problem,
+        late,
     )
 
 

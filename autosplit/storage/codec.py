@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from autosplit.errors import CacheError
+from autosplit.plan import MAX_TEXT_BYTES
 
 _TORCH_TO_NUMPY = {
     torch.float32: "float32",
@@ -40,12 +41,13 @@ def to_storage(t: torch.Tensor) -> np.ndarray:
 
 
 def from_storage(a: np.ndarray, logical_dtype: str) -> torch.Tensor:
-    t = torch.from_numpy(np.ascontiguousarray(a))
+    a = np.asarray(a)
+    t = torch.from_numpy(np.ascontiguousarray(a)).reshape(a.shape)  # ascontiguousarray makes a scalar 1-d
     return t.view(torch.bfloat16) if logical_dtype == "bfloat16" else t
 
 
 #: cap of a text source (prompt, path) cached for stage 2, in UTF-8 bytes
-MAX_SOURCE_BYTES = 1 << 16
+MAX_SOURCE_BYTES = MAX_TEXT_BYTES
 
 
 def encode_source(value: Any) -> torch.Tensor:

@@ -147,9 +147,9 @@ def make_trainable(
             lora_alpha=lora.alpha or lora.rank,  # type: ignore[arg-type]
             target_modules=targets,
         )  # (peft annotates int; a float alpha works)
-        if denoiser:
+        if denoiser and hasattr(model, "add_adapter"):
             model.add_adapter(config)  # diffusers' PEFT integration
-        else:  # a transformers text encoder: peft directly (transformers' add_adapter wants a newer peft)
+        else:  # a text encoder, or a plain module: peft directly (transformers' add_adapter wants a newer peft)
             from peft import inject_adapter_in_model
 
             inject_adapter_in_model(config, model, adapter_name="default")

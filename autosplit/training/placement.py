@@ -6,7 +6,7 @@ memory between uses (block swapping, autosplit.training.swap; docs/memory.md). T
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -138,3 +138,32 @@ class ComponentSource:
             if group:
                 loaded = {**loaded, **load_components(self.adapter, self.root, group, device=where, dtype=self.dtype)}
         return {name: loaded[name] for name in names}
+
+
+@dataclass(frozen=True)
+class BuiltComponents(ComponentSource):
+    """The components of a pipeline written in code (`autosplit.Pipeline`): built by the caller,
+    handed to the stages as they are (frozen, in eval mode, moved to the device; `root` unused)."""
+
+    modules: Mapping[str, Any] = field(default_factory=dict)
+
+    def check_present(self, names: list[str]) -> None:
+        missing = [n for n in names if n not in self.modules]
+        if missing:
+            raise ConfigError(
+                f"components {missing} are used by the plan's units but were not given: pass them in "
+                f"Pipeline(components={{...}}) (given: {sorted(self.modules)})"
+            )
+
+    def load(
+        self, names: list[str], *, device: torch.device | None = None, on_host: tuple[str, ...] = ()
+    ) -> dict[str, Any]:
+        self.check_present(names)
+        loaded = {}
+        for name in names:
+            component = self.modules[name]
+            if isinstance(component, torch.nn.Module):
+                where = torch.device("cpu") if name in on_host else (device or self.device)
+                component = component.to(where).requires_grad_(False).eval()
+            loaded[name] = component
+        return loaded

@@ -60,13 +60,16 @@ def compute_samples(
     *,
     to_cpu: bool,
     ragged: Mapping[str, int] | None = None,
+    absent: tuple[str, ...] = (),
 ) -> list[dict[str, torch.Tensor]]:
     """Run `units` on a batch of samples of one shape; return each sample's values in `names`.
 
     Ragged values of a batch are padded to the batch's longest; each sample's are cut back to its
-    own length: the last position that is non-zero in any of its ragged values.
+    own length: the last position that is non-zero in any of its ragged values. Raises CacheError
+    when a value in `names` is None, or one in `absent` (None when the plan was made) is not.
     """
     values = run_units(units, sample_sources(samples), ctx)
+    _check_presence(values, names, absent, samples)
     out = []
     for j in range(len(samples)):
         item = {name: values[name][j] for name in names}
@@ -74,8 +77,38 @@ def compute_samples(
         if len(samples) > 1 and trimmed:
             length = max(_used_length(item[n]) for n in trimmed)
             item = {n: v[:length] if n in trimmed else v for n, v in item.items()}
-        out.append({n: encode_source(v).cpu() if to_cpu else v for n, v in item.items()})
+        out.append({n: _encoded(n, v, samples[j]).cpu() if to_cpu else v for n, v in item.items()})
     return out
+
+
+def _check_presence(
+    values: Mapping[str, Any], names: list[str], absent: tuple[str, ...], samples: list[Sample]
+) -> None:
+    """Raise CacheError when a value the plan caches is None, or one it found absent is not."""
+    where = f"sample {samples[0].index} ({samples[0].image_path})"
+    for name in names:
+        if values.get(name) is None:
+            raise CacheError(
+                f"value {name!r} is None for {where}, but the plan caches it (it was there when the plan was "
+                f"made): give every sample what it is made from, or none of them and re-run `autosplit plan`"
+            )
+    for name in absent:
+        if values.get(name) is not None:
+            raise CacheError(
+                f"value {name!r} is there for {where}, but it was absent (None) when the plan was made, so it is "
+                f"not cached: give every sample what it is made from, or none, and re-run `autosplit plan`"
+            )
+
+
+def _encoded(name: str, value: Any, sample: Sample) -> torch.Tensor:
+    try:
+        return encode_source(value)
+    except TypeError:
+        raise CacheError(
+            f"value {name!r} of sample {sample.index} ({sample.image_path}) is a {type(value).__name__}, which "
+            f"the cache cannot hold (tensors, numbers, strings, lists of ints): return a tensor from the unit "
+            f"that makes it, or compute it in the unit that reads it"
+        ) from None
 
 
 def _used_length(t: torch.Tensor) -> int:
@@ -385,7 +418,10 @@ def _producer(job: Stage1Job, reuse: Path | None, batch_size: int) -> Callable[.
         for lo in range(0, len(todo), batch_size):
             part = todo[lo : lo + batch_size]
             for j, values in zip(
-                part, compute_samples(units, [shard[j] for j in part], ctx, names, to_cpu=True, ragged=ragged)
+                part,
+                compute_samples(
+                    units, [shard[j] for j in part], ctx, names, to_cpu=True, ragged=ragged, absent=plan.absent
+                ),
             ):
                 out[j] = values
             on_samples(len(part))
