@@ -388,3 +388,39 @@ def test_what_the_recorder_emits_passes_the_checks_and_replays_bit_exactly(fn, o
         limit=element_limit([*rec.frontier, *reads.values()]),
     )
     assert all(torch.equal(again[k], result[k]) for k in rec.dirty_outputs)
+
+
+def test_an_input_stage2_supplies_is_replayed_from_what_stage2_gives():
+    """DiffSynth's image unit: the encoding is clean, the noise passed through (and scaled) is not."""
+
+    def fn(values, c):
+        return {"latents": values["image"] * 2, "passed": values["noise"], "scaled": values["noise"] * 0.5}
+
+    unit = Unit("u", ("image", "noise"), ("latents", "passed", "scaled"), fn)
+    values = {"image": torch.ones(1, 4), "noise": torch.randn(1, 4)}
+    _, rec = record(unit, values, ctx(), late=("noise",))
+    assert rec.problem is None and rec.dirty_outputs == ("passed", "scaled") and rec.frontier == []
+    graph = json.loads(rec.graph_bytes())
+    assert graph["outputs"]["passed"] == {"t": ["i", "noise", 0]} and len(graph["ops"]) == 1
+    other = torch.randn(1, 4)
+    again = replay(graph, [], {}, ctx(), late={"noise": other})
+    assert again["passed"] is other and torch.equal(again["scaled"], other * 0.5)
+
+
+def test_a_graph_naming_an_input_stage2_does_not_supply_is_refused():
+    graph = {"version": 1, "ops": [], "outputs": {"x": {"t": ["i", "secret", 0]}}, "frontier": 0, "devices": {}}
+    with pytest.raises(CacheError, match="output 'x' is not made of references"):
+        replay(graph, [], {}, ctx(), late={"noise": torch.zeros(1)})
+    graph["outputs"]["x"] = {"t": ["i", "noise", 5]}  # a leaf the input does not have
+    with pytest.raises(CacheError, match="its outputs name a tensor no op returned"):
+        replay(graph, [], {}, ctx(), late={"noise": torch.zeros(1)})
+
+
+def test_a_branch_on_a_supplied_random_input_keeps_the_unit_whole():
+    def fn(values, c):
+        scale = 2.0 if float(values["noise"].mean()) > 0 else 1.0
+        return {"latents": values["image"] * 2, "noisy": values["noise"] * scale}
+
+    unit = Unit("u", ("image", "noise"), ("latents", "noisy"), fn)
+    _, rec = record(unit, {"image": torch.ones(1, 4), "noise": torch.randn(1, 4)}, ctx(), late=("noise",))
+    assert rec.problem is not None and "reads a value into Python" in rec.problem

@@ -262,3 +262,54 @@ def test_run_units_draws_from_the_context_generator_reproducibly():
 
     assert torch.equal(run(3), run(3))
     assert not torch.equal(run(3), run(4))
+
+
+# --- units as other frameworks write them -------------------------------------------------------
+
+
+def test_a_unit_that_rewrites_a_value_makes_a_new_version_that_later_units_read():
+    def round_up(values, ctx):
+        return {"height": [-(-h // 16) * 16 for h in values["height"]]}
+
+    seen = {}
+
+    def early(values, ctx):
+        seen["early"] = values["height"]
+        return {"a": 0}
+
+    def late(values, ctx):
+        seen["late"] = values["height"]
+        return {"loss": torch.tensor(float(values["height"][0]))}
+
+    graph = UnitGraph(
+        [
+            Unit("early", ("height",), ("a",), early),
+            Unit("round", ("height",), ("height",), round_up),
+            Unit("late", ("height", "a"), ("loss",), late),
+        ],
+        sources=("height",),
+    )
+    assert graph.versions == {"height": ("height", "height.v2")}
+    assert graph["round"].inputs == ("height",) and graph["round"].outputs == ("height.v2",)
+    assert graph["late"].inputs == ("height.v2", "a") and graph["early"].inputs == ("height",)
+    out = run_units(list(graph), {"height": [60]}, ctx())
+    assert seen == {"early": [60], "late": [64]} and out["height"] == [60] and out["height.v2"] == [64]
+
+
+def test_outputting_a_source_without_reading_it_says_how_to_rewrite_it():
+    with pytest.raises(GraphError, match=re.escape("to rewrite it, list 'height' among the unit's inputs too")):
+        UnitGraph([unit("a", (), ("height",)), unit("loss", ("height",), ("loss",))], sources=("height",))
+
+
+def test_an_optional_input_may_be_absent_and_the_unit_may_then_leave_outputs_out():
+    def edit(values, ctx):
+        return {} if values["edit_image"] is None else {"edit": values["edit_image"] * 2}
+
+    u = Unit("edit", ("edit_image",), ("edit",), edit, optional=("edit_image",))
+    assert u({}, ctx()) == {"edit": None}
+    assert u({"edit_image": 3}, ctx()) == {"edit": 6}
+    strict = Unit("edit", ("edit_image",), ("edit",), edit)
+    with pytest.raises(GraphError, match=re.escape("is missing inputs ['edit_image']")):
+        strict({}, ctx())
+    with pytest.raises(GraphError, match=re.escape("returned [] but declares outputs ['edit']")):
+        strict({"edit_image": None}, ctx())
