@@ -21,11 +21,11 @@ from transformers import CLIPTextModel
 
 from autosplit import Pipeline
 from autosplit.adapters import tiny
-from autosplit.config import LoraConfig, TrainConfig
+from autosplit.config import CacheConfig, LoraConfig, TrainConfig
 from autosplit.data import load_image
-from autosplit.errors import PlanError
+from autosplit.errors import CacheError, PlanError
 from autosplit.graph import Unit
-from autosplit.storage.cache import CacheReader
+from autosplit.storage.cache import CacheReader, read_manifest
 
 SOURCES = ("image_path", "prompt", "height", "width", "edit_image", "sample_id")
 
@@ -301,3 +301,25 @@ def test_a_value_the_cache_cannot_hold_is_an_error_at_plan_time(dataset):
     assert "\n" not in message
     assert message.startswith("value 'pixels' (from unit 'open_image') would be cached, but it is a PIL.PngImagePlugin")
     assert "return a tensor from 'open_image'" in message
+
+
+def test_an_optional_column_some_samples_lack_stops_stage1_naming_the_sample(tmp_path):
+    """Profiled on a sample without `edit_image`, the plan has `edit_latents` absent; a later sample
+    with one is a one-line error, and the cache is not marked complete."""
+    rng = np.random.default_rng(1)
+    rows = []
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+        rows.append({"image": f"{i}.png", "prompt": "a cube", "height": 64, "width": 64})
+    rows[2]["edit_image"] = str(tmp_path / "0.png")
+    (tmp_path / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pipe = pipeline()
+    samples = pipe.read_dataset(tmp_path, max_pixels=64 * 64, allow_outside_paths=True)
+    plan = pipe.plan(pipe.profile(samples, lora=LORA))
+    assert plan.absent == ("edit_latents",)
+    with pytest.raises(CacheError) as caught:
+        pipe.cache(plan, samples, tmp_path / "cache", cache=CacheConfig(shard_size=1))
+    message = str(caught.value)
+    assert "\n" not in message and message.startswith("value 'edit_latents' is there for sample 2 (")
+    assert "it was absent (None) when the plan was made" in message
+    assert read_manifest(tmp_path / "cache")["complete"] is False
