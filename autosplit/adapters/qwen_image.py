@@ -23,7 +23,10 @@ PROMPT_TEMPLATE = (
     "spatial relationships of the objects and background:<|im_end|>\n<|im_start|>user\n{}<|im_end|>\n"
     "<|im_start|>assistant\n"
 )
-MAX_PROMPT_TOKENS = 1024  # QwenImagePipeline.tokenizer_max_length
+#: caption tokens the transformer sees: QwenImagePipeline encodes up to tokenizer_max_length (1024)
+#: and keeps the first max_sequence_length (512 by default) of the states; the text encoder is
+#: causal, so cutting the tokens to 512 before encoding gives those states at half the cost
+MAX_PROMPT_TOKENS = 512
 
 #: Qwen2.5-VL-7B-Instruct, the text encoder of Qwen-Image (the DiT and VAE defaults of diffusers'
 #: classes are Qwen-Image's full-size configuration already)

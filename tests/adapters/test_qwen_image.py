@@ -101,3 +101,20 @@ def test_registry_and_model_index_checks(tiny_model, tmp_path):
     (tmp_path / "model_index.json").write_text('{"_class_name": "FluxPipeline"}')
     with pytest.raises(ModelError, match="expected 'QwenImagePipeline'"):
         read_model_index(tmp_path, adapter=adapter, components=[])
+
+
+def test_prompts_keep_the_512_tokens_qwen_image_pipeline_keeps(pipe):
+    """QwenImagePipeline encodes up to 1024 caption tokens and keeps the first 512 states (its
+    max_sequence_length default); encode_prompt cuts the tokens to 512 first: the same states, as
+    the text encoder is causal."""
+    from autosplit.adapters.qwen_image import MAX_PROMPT_TOKENS
+
+    pipe.prompt_template_encode_start_idx = template_prefix_len(pipe.tokenizer)
+    prompt = "a photo of a red cube on a blue table, " * 30  # over 512 tokens, under 1024
+    assert 512 < len(pipe.tokenizer(prompt).input_ids) < 1024
+    theirs, theirs_mask = pipe.encode_prompt(prompt=[prompt], device=torch.device("cpu"), max_sequence_length=512)
+    mine = encode_prompt({"prompt": [prompt]}, ctx_for(pipe))
+    assert MAX_PROMPT_TOKENS == 512 and mine["prompt_embeds"].shape == theirs.shape == (1, 512, 32)
+    torch.testing.assert_close(mine["prompt_embeds"], theirs, rtol=1e-4, atol=1e-5)
+    assert mine["prompt_embeds_mask"].all()  # diffusers returns no mask when it is all ones
+    assert theirs_mask is None or theirs_mask.all()

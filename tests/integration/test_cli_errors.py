@@ -153,7 +153,7 @@ def test_a_caption_longer_than_the_tokenizer_limit_warns_once(tmp_path, tiny_mod
     data = copy_dataset(tiny_dataset, tmp_path / "data")
     rows = list(csv.reader((data / "metadata.csv").open()))
     for row in rows[1:4]:
-        row[1] = " ".join([row[1]] * 200)  # well over the 1024 prompt tokens Qwen-Image keeps
+        row[1] = " ".join([row[1]] * 200)  # well over the 512 prompt tokens Qwen-Image keeps
     with (data / "metadata.csv").open("w", newline="") as f:
         csv.writer(f).writerows(rows)
     truncation_report()  # forget cuts of earlier tests in this process
@@ -161,7 +161,7 @@ def test_a_caption_longer_than_the_tokenizer_limit_warns_once(tmp_path, tiny_mod
     out = tmp_path / "c"
     assert main(["run", "--task", "sft:data_process", "--dataset_base_path", str(data), "--output_path", str(out)]) == 0
     warnings = [r.getMessage() for r in caplog.records if r.name == "autosplit.adapters.base"]
-    assert len(warnings) == 1 and "longer than tokenizer's limit and are cut to 1024 tokens" in warnings[0], warnings
+    assert len(warnings) == 1 and "longer than tokenizer's limit and are cut to 512 tokens" in warnings[0], warnings
     assert cache_status(out) == "complete"
     # stage 1 ends with the count: 3 in stage 1, and one more if the profile encoded the first row's prompt too
     (summary,) = [
@@ -169,7 +169,7 @@ def test_a_caption_longer_than_the_tokenizer_limit_warns_once(tmp_path, tiny_mod
         for r in caplog.records
         if r.name == "autosplit.training.stage1" and "captions cut" in r.getMessage()
     ]
-    assert re.match(r"stage 1: captions cut to the text encoders' limits: [34] by tokenizer to 1024 tokens", summary)
+    assert re.match(r"stage 1: captions cut to the text encoders' limits: [34] by tokenizer to 512 tokens", summary)
     assert truncation_report() is None  # the summary reset the counts
 
 
