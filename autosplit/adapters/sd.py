@@ -4,7 +4,11 @@ Units follow `StableDiffusionPipeline` / `StableDiffusionXLPipeline`: 77-token C
 the penultimate states of both encoders, concatenated, plus the second encoder's pooled
 projection and the six size/crop time ids), latents scaled by the VAE's `scaling_factor`. The
 objective (epsilon or v-prediction) comes from the scheduler config; training noises with
-`DDPMScheduler` built from that config, as diffusers' training scripts do.
+`DDPMScheduler` built from that config, as diffusers' training scripts do. SDXL's VAE runs in
+float32 when its config says `force_upcast` (StableDiffusionXLPipeline upcasts it to avoid NaN
+latents in float16). A folder whose VAE normalizes latents with `latents_mean`/`latents_std` or
+whose scheduler is EDM-style (Playground v2.5) is refused: these units would train it on wrongly
+scaled latents with the wrong objective.
 """
 
 from __future__ import annotations
@@ -17,7 +21,8 @@ from typing import Any
 import torch
 
 from autosplit.adapters import full_size, tiny
-from autosplit.adapters.base import AdapterBase, LoraNaming, ValueLayout, note_truncation
+from autosplit.adapters.base import AdapterBase, LoraNaming, ValueLayout, config_only, note_truncation
+from autosplit.errors import ModelError
 from autosplit.graph import Unit, UnitContext
 
 #: stable-diffusion-v1-5/stable-diffusion-v1-5, unet/config.json (860 M parameters)
@@ -324,6 +329,32 @@ def denoise(values: Mapping[str, Any], ctx: UnitContext) -> dict[str, Any]:
     return {"model_pred": pred}
 
 
+def refuse_unsupported(root: Path, name: str) -> dict[str, Any]:
+    """The config of component `name` ("vae" or "scheduler") of the folder `root`; raises ModelError,
+    naming the file and key, for a VAE with `latents_mean`/`latents_std` or an EDM scheduler."""
+    import json
+
+    file = root / name / ("scheduler_config.json" if name == "scheduler" else "config.json")
+    try:
+        config = json.loads(file.read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{file}: cannot read ({exc}); re-save the pipeline folder") from exc
+    fix = "these units scale SD/SDXL latents by scaling_factor and train DDPM's epsilon or v objective; use a folder "
+    if name == "vae":
+        keys = [k for k in ("latents_mean", "latents_std") if config.get(k) is not None]
+        if keys:
+            raise ModelError(
+                f"{file} sets {'/'.join(keys)} (a Playground v2.5-style VAE that normalizes latents per channel): "
+                f"{fix}whose VAE has no latents_mean/latents_std (a standard SD or SDXL one)"
+            )
+    if name == "scheduler" and (str(config.get("_class_name", "")).startswith("EDM") or "sigma_data" in config):
+        raise ModelError(
+            f"{file}: _class_name {config.get('_class_name')!r} is an EDM scheduler (Playground v2.5's objective): "
+            f"{fix}with a DDPM-family scheduler (DDPM, Euler, PNDM, DPM-Solver without EDM)"
+        )
+    return config
+
+
 class StableDiffusionAdapter(AdapterBase):
     """Stable Diffusion 1.x/2.x (`StableDiffusionPipeline` folders)."""
 
@@ -418,6 +449,10 @@ class StableDiffusionAdapter(AdapterBase):
 
         if name in ("tokenizer", "tokenizer_2"):
             return CLIPTokenizer.from_pretrained(root / name)
+        if name in ("vae", "scheduler"):
+            config = refuse_unsupported(root, name)
+            if name == "vae" and self.xl and config.get("force_upcast", True):
+                dtype = torch.float32  # as StableDiffusionXLPipeline upcasts it; encode_image casts the latents
         if name == "scheduler":  # training noises with DDPM whatever sampler the folder ships
             return DDPMScheduler.from_config(DDPMScheduler.load_config(root / name))
         classes = {
@@ -427,6 +462,22 @@ class StableDiffusionAdapter(AdapterBase):
             "text_encoder_2": CLIPTextModelWithProjection,
         }
         return classes[name].from_pretrained(root / name, torch_dtype=dtype).to(device)
+
+    def component_from_config(
+        self, root: Path | None, name: str, *, overrides: Mapping[str, Any] | None = None
+    ) -> torch.nn.Module:
+        """As `AdapterBase.component_from_config`; a folder's VAE is refused as `load_component`
+        refuses it, and SDXL's upcast VAE is built in float32 like the loaded one."""
+        if root is not None and name == "vae":
+            refuse_unsupported(root, name)
+        module = (
+            config_only(root, name, overrides=overrides)
+            if root is not None
+            else super().component_from_config(root, name, overrides=overrides)
+        )
+        if name == "vae" and self.xl and getattr(module.config, "force_upcast", False):
+            module = module.to(torch.float32)
+        return module
 
     # the UNet's blocks differ in width per resolution: no single repeated-block key, traced in full
     full_size_scheduler = SD15_SCHEDULER
