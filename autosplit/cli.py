@@ -16,7 +16,18 @@ from pathlib import Path
 from typing import Any
 
 from autosplit import __version__
-from autosplit.config import BUILTIN_PRESET, LORA_FORMATS, SEED_FLAGS, RunConfig, load_config
+from autosplit.config import (
+    BUILTIN_PRESET,
+    FLAGS,
+    LORA_FORMATS,
+    LR_SCHEDULERS,
+    OPTIMIZERS,
+    REPORT_TO,
+    TIMESTEP_SAMPLING,
+    WEIGHTING_SCHEMES,
+    RunConfig,
+    load_config,
+)
 from autosplit.errors import AutosplitError, ConfigError
 
 log = logging.getLogger("autosplit")
@@ -30,7 +41,7 @@ _FLAG_HELP = {
     "dataset_repeat": "times each sample is seen per epoch",
     "dataset_num_workers": "loader threads reading ahead of the trainer",
     "max_pixels": "images of more pixels than this are scaled down",
-    "learning_rate": "AdamW learning rate",
+    "learning_rate": "the optimizer's learning rate (the peak of --lr_scheduler; Prodigy: its multiplier, ~1)",
     "num_epochs": "epochs of stage 2",
     "task": "sft or direct_distill (plan, stage 1 if needed, stage 2); TASK:data_process (stage 1 only), "
     "TASK:train (stage 2 only)",
@@ -56,11 +67,35 @@ _FLAG_HELP = {
 }
 
 
+_FLAG_HELP.update(
+    {
+        "optimizer": f"optimizer: {', '.join(OPTIMIZERS)} (docs/training.md)",
+        "adam_beta1": "AdamW / 8-bit AdamW / Prodigy first-moment decay",
+        "adam_beta2": "AdamW / 8-bit AdamW / Prodigy second-moment decay",
+        "adam_weight_decay": "decoupled weight decay (every optimizer)",
+        "adam_epsilon": "AdamW / 8-bit AdamW / Prodigy epsilon",
+        "lr_scheduler": f"learning-rate schedule over the run's optimizer steps: {', '.join(LR_SCHEDULERS)}",
+        "lr_warmup_steps": "optimizer steps of linear warm-up (every schedule but constant)",
+        "lr_num_cycles": "cosine_with_restarts: hard restarts",
+        "lr_power": "polynomial: power of the decay",
+        "max_grad_norm": "clip the gradients' total norm to this (0: no clipping)",
+        "timestep_sampling": f"training sigmas: {', '.join(TIMESTEP_SAMPLING)}",
+        "logit_mean": "logit_normal: mean of the normal",
+        "logit_std": "logit_normal: standard deviation of the normal",
+        "mode_scale": "mode: its scale, -1 to 1.75",
+        "sigmoid_scale": "sigmoid: scale of the normal before the sigmoid",
+        "weighting_scheme": f"loss weight by sigma: {', '.join(WEIGHTING_SCHEMES)}",
+        "guidance_scale": "guidance value of guidance-distilled FLUX.1 (dev) in training",
+        "report_to": f"trackers besides train_log.jsonl, under OUTPUT_PATH/logs: {', '.join(REPORT_TO)}",
+    }
+)
+
+
 def _flag_help(flag: str) -> str | None:
-    """The help of a seed flag, ending with the config's default (its argparse default is None:
-    the config supplies the value), unless the text already says it."""
+    """The help of a seed or trainer flag, ending with the config's default (its argparse default is
+    None: the config supplies the value), unless the text already says it."""
     text = _FLAG_HELP.get(flag)
-    key = SEED_FLAGS[flag]
+    key = FLAGS[flag]
     owner, _, name = key.rpartition(".")
     value = getattr(getattr(RunConfig(), owner) if owner else RunConfig(), name)
     if text is None or "default" in text or value == "":
@@ -88,7 +123,7 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="override a config key, e.g. --set train.learning_rate=5e-5 (repeatable)",
     )
-    for flag in SEED_FLAGS:
+    for flag in FLAGS:
         parser.add_argument(f"--{flag}", dest=flag, default=None, help=_flag_help(flag))
     parser.add_argument(
         "--use_gradient_checkpointing", action="store_true", help="gradient checkpointing on the trained model"
@@ -156,7 +191,7 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
-    flags = {k: getattr(args, k) for k in SEED_FLAGS if getattr(args, k) is not None}
+    flags = {k: getattr(args, k) for k in FLAGS if getattr(args, k) is not None}
     sets = list(args.set)
     if args.use_gradient_checkpointing:
         sets.append("train.gradient_checkpointing=true")

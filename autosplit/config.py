@@ -1,5 +1,6 @@
 """Typed run configuration: dataclasses, loaded from TOML, overridden by `--set key=value` and by
-the seed's flags (`--learning_rate` and friends, see `SEED_FLAGS`).
+the seed's flags (`--learning_rate` and friends, see `SEED_FLAGS`) and diffusers' training-script
+flags (`--lr_scheduler` and friends, see `TRAINER_FLAGS`).
 
 Every problem is collected and reported at once; unknown keys suggest the closest valid one.
 """
@@ -111,6 +112,41 @@ class TrainConfig:
     #: dtype, lossless), "fp8" (e4m3 with per-channel scales, upcast per layer: lossy, half the
     #: bytes) or "auto" (the planner may choose fp8 where it is faster under --vram_budget)
     base_precision: str = "dtype"
+    #: optimizer (docs/training.md): "adamw" (torch's), "adamw8bit" (bitsandbytes, CUDA only),
+    #: "adafactor" (transformers', with --learning_rate as its fixed rate) or "prodigy" (prodigyopt)
+    optimizer: str = "adamw"
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    #: decoupled weight decay (every optimizer; torch's AdamW default, as trained before it was a setting)
+    adam_weight_decay: float = 0.01
+    adam_epsilon: float = 1e-8
+    #: learning-rate schedule over the run's optimizer steps (diffusers' get_scheduler): "constant",
+    #: "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
+    lr_scheduler: str = "constant"
+    #: optimizer steps of linear warm-up from 0 (every schedule but "constant")
+    lr_warmup_steps: int = 0
+    #: cosine_with_restarts: number of hard restarts
+    lr_num_cycles: int = 1
+    #: polynomial: the decay's power (1: linear)
+    lr_power: float = 1.0
+    #: clip the gradients' total L2 norm to this before each optimizer step (0: no clipping)
+    max_grad_norm: float = 0.0
+    #: flow matching's training sigmas: "uniform" (an index into the shifted inference schedule),
+    #: "logit_normal", "mode" (diffusers' densities over that index), "sigmoid" (sigmoid(scale * N(0, 1)),
+    #: unshifted, as musubi-tuner); DDPM families map the same draws to integer timesteps
+    timestep_sampling: str = "uniform"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+    sigmoid_scale: float = 1.0
+    #: loss weight per sample by its sigma (flow matching): "none", "sigma_sqrt", "cosmap" (SD3),
+    #: "diffsynth" (DiffSynth-Studio's FlowMatchScheduler training weights)
+    weighting_scheme: str = "none"
+    #: guidance value given to guidance-distilled transformers (FLUX.1-dev) in training
+    guidance_scale: float = 3.5
+    #: trackers besides train_log.jsonl: "none", "tensorboard", "wandb" (offline unless WANDB_MODE
+    #: says otherwise) or "all"; written under OUTPUT/logs
+    report_to: str = "none"
 
 
 #: `lora.format` values (docs/lora-formats.md says which family writes what in each)
@@ -218,6 +254,39 @@ SEED_FLAGS = {
     "vram_budget": "plan.vram_budget_gib",
     "cache_variants": "cache.variants",
 }
+
+
+#: diffusers' (and musubi-tuner's) training-script flag names for the trainer's settings
+TRAINER_FLAGS = {
+    "optimizer": "train.optimizer",
+    "adam_beta1": "train.adam_beta1",
+    "adam_beta2": "train.adam_beta2",
+    "adam_weight_decay": "train.adam_weight_decay",
+    "adam_epsilon": "train.adam_epsilon",
+    "lr_scheduler": "train.lr_scheduler",
+    "lr_warmup_steps": "train.lr_warmup_steps",
+    "lr_num_cycles": "train.lr_num_cycles",
+    "lr_power": "train.lr_power",
+    "max_grad_norm": "train.max_grad_norm",
+    "timestep_sampling": "train.timestep_sampling",
+    "logit_mean": "train.logit_mean",
+    "logit_std": "train.logit_std",
+    "mode_scale": "train.mode_scale",
+    "sigmoid_scale": "train.sigmoid_scale",
+    "weighting_scheme": "train.weighting_scheme",
+    "guidance_scale": "train.guidance_scale",
+    "report_to": "train.report_to",
+}
+#: every flag that sets one config key
+FLAGS = {**SEED_FLAGS, **TRAINER_FLAGS}
+
+OPTIMIZERS = ("adamw", "adamw8bit", "adafactor", "prodigy")
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+TIMESTEP_SAMPLING = ("uniform", "logit_normal", "mode", "sigmoid")
+WEIGHTING_SCHEMES = ("none", "sigma_sqrt", "cosmap", "diffsynth")
+REPORT_TO = ("none", "tensorboard", "wandb", "all")
+#: mode sampling's map stays monotonic on [0, 1] only for these scales (1 / (pi / 2 - 1) = 1.75)
+MODE_SCALE_RANGE = (-1.0, 1.75)
 
 
 def all_keys() -> list[str]:
@@ -362,7 +431,94 @@ def validate(config: RunConfig) -> list[str]:
         if not ok:
             owner, _, name = key.partition(".")
             problems.append(f"{key}={getattr(getattr(config, owner), name)!r} {fix}")
-    return problems + _placement_problems(config)
+    return problems + _placement_problems(config) + trainer_problems(config.train, device=config.model.device)
+
+
+def _choice(key: str, value: str, choices: tuple[str, ...], flag: str) -> list[str]:
+    if value in choices:
+        return []
+    return [f"{key}={value!r} is not one of {', '.join(choices)} ({flag})"]
+
+
+def trainer_problems(train: TrainConfig, *, device: str = "auto") -> list[str]:
+    """The optimizer, schedule, timestep, weighting and tracker settings' problems, each naming
+    the flag and its valid values; optional packages that are not installed. Lower-cases the
+    optimizer's name (diffusers spells it "AdamW")."""
+    train.optimizer = train.optimizer.strip().lower()
+    problems = _choice("train.optimizer", train.optimizer, OPTIMIZERS, "--optimizer")
+    problems += _choice("train.lr_scheduler", train.lr_scheduler, LR_SCHEDULERS, "--lr_scheduler")
+    problems += _choice("train.timestep_sampling", train.timestep_sampling, TIMESTEP_SAMPLING, "--timestep_sampling")
+    problems += _choice("train.report_to", train.report_to, REPORT_TO, "--report_to")
+    if train.weighting_scheme in ("logit_normal", "mode"):
+        problems.append(
+            f"train.weighting_scheme={train.weighting_scheme!r} is a timestep sampling here: diffusers' "
+            f"--weighting_scheme {train.weighting_scheme} is --timestep_sampling {train.weighting_scheme} "
+            f"--weighting_scheme none (valid --weighting_scheme values: {', '.join(WEIGHTING_SCHEMES)})"
+        )
+    else:
+        problems += _choice("train.weighting_scheme", train.weighting_scheme, WEIGHTING_SCHEMES, "--weighting_scheme")
+    low, high = MODE_SCALE_RANGE
+    checks = [
+        ("adam_beta1", 0.0 <= train.adam_beta1 < 1.0, "must be in [0, 1) (--adam_beta1)"),
+        ("adam_beta2", 0.0 <= train.adam_beta2 < 1.0, "must be in [0, 1) (--adam_beta2)"),
+        ("adam_weight_decay", train.adam_weight_decay >= 0, "must be 0 or positive (--adam_weight_decay)"),
+        ("adam_epsilon", train.adam_epsilon > 0, "must be positive (--adam_epsilon)"),
+        ("lr_warmup_steps", train.lr_warmup_steps >= 0, "must be 0 or a count of steps (--lr_warmup_steps)"),
+        ("lr_num_cycles", train.lr_num_cycles >= 1, "must be at least 1 (--lr_num_cycles)"),
+        ("lr_power", train.lr_power > 0, "must be positive (--lr_power)"),
+        ("max_grad_norm", train.max_grad_norm >= 0, "must be 0 (no clipping) or positive (--max_grad_norm)"),
+        ("logit_std", train.logit_std > 0, "must be positive (--logit_std)"),
+        ("mode_scale", low <= train.mode_scale <= high, f"must be between {low:g} and {high:g} (--mode_scale)"),
+        ("sigmoid_scale", train.sigmoid_scale > 0, "must be positive (--sigmoid_scale)"),
+        ("guidance_scale", train.guidance_scale >= 0, "must be 0 or positive (--guidance_scale)"),
+    ]
+    problems += [f"train.{key}={getattr(train, key)!r} {fix}" for key, ok, fix in checks if not ok]
+    if train.lr_scheduler == "constant" and train.lr_warmup_steps > 0:
+        problems.append(
+            f"--lr_warmup_steps {train.lr_warmup_steps} does nothing with --lr_scheduler constant; "
+            f"use --lr_scheduler constant_with_warmup (or another schedule) for a warm-up"
+        )
+    return problems + _package_problems(train, device=device)
+
+
+def _package_problems(train: TrainConfig, *, device: str) -> list[str]:
+    """Optional packages a setting needs, and 8-bit AdamW's need of a CUDA device."""
+    from importlib.util import find_spec
+
+    problems = []
+    if train.optimizer == "adamw8bit":
+        if device == "cpu" or (device == "auto" and not _cuda_available()):
+            problems.append(
+                "--optimizer adamw8bit: bitsandbytes' 8-bit AdamW runs on CUDA GPUs only and this run is on "
+                "the CPU; use --optimizer adamw here (or --optimizer adafactor for less optimizer memory)"
+            )
+        elif find_spec("bitsandbytes") is None:
+            problems.append(
+                "--optimizer adamw8bit needs bitsandbytes: pip install 'autosplit[bnb]', or use --optimizer adamw"
+            )
+    if train.optimizer == "prodigy" and find_spec("prodigyopt") is None:
+        problems.append("--optimizer prodigy needs prodigyopt: pip install 'autosplit[prodigy]'")
+    if (
+        train.report_to in ("tensorboard", "all")
+        and find_spec("tensorboard") is None
+        and find_spec("tensorboardX") is None
+    ):
+        problems.append(
+            f"--report_to {train.report_to} needs tensorboard: pip install tensorboard, or --report_to none"
+        )
+    if train.report_to in ("wandb", "all") and find_spec("wandb") is None:
+        problems.append(f"--report_to {train.report_to} needs wandb: pip install wandb, or --report_to tensorboard")
+    return problems
+
+
+def _cuda_available() -> bool:
+    """Whether device "auto" resolves to CUDA (as autosplit.workflow.session.resolve_device does).
+    Imports torch: asked only for the settings that need a GPU."""
+    if os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"):
+        return False
+    import torch
+
+    return bool(torch.cuda.is_available())
 
 
 def _placement_problems(config: RunConfig) -> list[str]:
@@ -431,7 +587,7 @@ def _load(config: RunConfig, *, toml_path: Path | None, sets: list[str], flags: 
         else:
             parsed_sets[key.strip()] = value
     problems += apply_overrides(config, parsed_sets, origin="--set")
-    problems += apply_overrides(config, {SEED_FLAGS[k]: v for k, v in flags.items()}, origin="flag")
+    problems += apply_overrides(config, {FLAGS[k]: v for k, v in flags.items()}, origin="flag")
     problems += validate(config)  # a key that failed to parse kept its valid default
     if problems:
         raise ConfigError("; ".join(problems))

@@ -17,6 +17,7 @@ it in stage 1 with the prompt embeddings and target latents.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -25,6 +26,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from autosplit.adapters.base import Adapter
+from autosplit.config import TIMESTEP_SAMPLING, TrainConfig
 from autosplit.data import load_image, load_video
 from autosplit.errors import ConfigError, DatasetError
 from autosplit.graph import Unit, UnitContext, UnitGraph
@@ -98,19 +100,102 @@ def _set_sigmas(scheduler: Any, num_steps: int, seq_len: int, **kwargs: Any) -> 
     return torch.as_tensor(scheduler.sigmas).float()
 
 
+def step_settings(train: TrainConfig) -> dict[str, Any]:
+    """The training settings the shared sft units and the families' denoise units read from their
+    context (`ctx.settings`), besides the session's."""
+    keys = ("timestep_sampling", "logit_mean", "logit_std", "mode_scale", "sigmoid_scale", "weighting_scheme")
+    return {**{k: getattr(train, k) for k in keys}, "guidance_scale": train.guidance_scale}
+
+
+def check_step_settings(graph: UnitGraph, scheduler: Any, settings: Mapping[str, Any]) -> None:
+    """Raise ConfigError, before the first step, for timestep or weighting settings this graph does
+    not use: any on a task without `sample_timestep`, loss weights on a DDPM objective."""
+    sampling, weighting = settings.get("timestep_sampling", "uniform"), settings.get("weighting_scheme", "none")
+    if "sample_timestep" not in graph.units and (sampling, weighting) != ("uniform", "none"):
+        raise ConfigError(
+            f"--timestep_sampling {sampling} --weighting_scheme {weighting}: the task draws no training "
+            f"timesteps (direct_distill runs the student's fixed steps); drop them"
+        )
+    if weighting != "none" and scheduler is not None and objective(scheduler) != "flow":
+        raise ConfigError(
+            f"--weighting_scheme {weighting} weights flow-matching sigmas, and this family trains the "
+            f"{objective(scheduler)} objective of a DDPM scheduler; use --weighting_scheme none"
+        )
+
+
+def density_draw(kind: str, b: int, ctx: UnitContext) -> torch.Tensor:
+    """B numbers in [0, 1]: diffusers' `compute_density_for_timestep_sampling` ("logit_normal":
+    sigmoid of N(logit_mean, logit_std); "mode": the mode map of a uniform draw, mode_scale) or
+    musubi-tuner's "sigmoid" (sigmoid of sigmoid_scale x N(0, 1)); float32, on the CPU."""
+    s = ctx.settings
+    if kind == "logit_normal":
+        mean, std = float(s.get("logit_mean", 0.0)), float(s.get("logit_std", 1.0))
+        return torch.sigmoid(torch.normal(mean, std, size=(b,), generator=ctx.generator))
+    if kind == "mode":
+        u, scale = torch.rand((b,), generator=ctx.generator), float(s.get("mode_scale", 1.29))
+        return 1 - u - scale * (torch.cos(math.pi * u / 2) ** 2 - 1 + u)
+    if kind == "sigmoid":
+        return torch.sigmoid(float(s.get("sigmoid_scale", 1.0)) * torch.randn((b,), generator=ctx.generator))
+    raise ConfigError(f"--timestep_sampling {kind!r} is unknown; choose one of {list(TIMESTEP_SAMPLING)}")
+
+
+def _schedule_index(u: torch.Tensor, n: int) -> torch.Tensor:
+    """u in [0, 1] -> an index into a schedule of n entries, as diffusers' scripts index theirs
+    (`(u * n).long()`), kept inside it when u is exactly 1."""
+    return (u * n).long().clamp(max=n - 1)
+
+
 def sample_timestep(values: Mapping[str, Any], ctx: UnitContext) -> dict[str, Any]:
+    """Flow matching: sigma from the shifted schedule (`uniform`: a uniform index; `logit_normal`,
+    `mode`: diffusers' densities over the index, whose 0 is the noisiest end) or, for `sigmoid`,
+    drawn directly and unshifted; timestep = 1000 sigma. DDPM: an integer timestep (the densities'
+    draws map to the same end: u = 0 is the noisiest)."""
     scheduler = ctx.components["scheduler"]
     latents = values["image_latents"]
     b = latents.shape[0]
     steps = scheduler.config.num_train_timesteps
+    kind = ctx.settings.get("timestep_sampling", "uniform")
     if objective(scheduler) == "flow":
-        sigmas = _set_sigmas(scheduler, steps, _seq_len(latents, ctx.settings.get("patch_size", 2)))[:-1]
-        sigma = sigmas[torch.randint(0, sigmas.numel(), (b,), generator=ctx.generator)]  # last sigma is 0
+        if kind == "sigmoid":
+            sigma = density_draw(kind, b, ctx)
+        else:
+            sigmas = _set_sigmas(scheduler, steps, _seq_len(latents, ctx.settings.get("patch_size", 2)))[:-1]
+            if kind == "uniform":  # the index is a temporary, as the measured VRAM budgets have it
+                sigma = sigmas[torch.randint(0, sigmas.numel(), (b,), generator=ctx.generator)]  # last sigma is 0
+            else:
+                sigma = sigmas[_schedule_index(density_draw(kind, b, ctx), sigmas.numel())]
         timestep = sigma * 1000
     else:
-        timestep = torch.randint(0, steps, (b,), generator=ctx.generator)
+        if kind == "uniform":
+            timestep = torch.randint(0, steps, (b,), generator=ctx.generator)
+        elif kind == "sigmoid":
+            timestep = _schedule_index(density_draw(kind, b, ctx), steps)
+        else:
+            timestep = steps - 1 - _schedule_index(density_draw(kind, b, ctx), steps)
         sigma = (1 - scheduler.alphas_cumprod[timestep]).sqrt()  # the noise's standard deviation
     return {"sigma": sigma.to(ctx.device), "timestep": timestep.to(ctx.device)}
+
+
+def loss_weights(scheme: str, sigma: torch.Tensor, table: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-sample loss weights of flow-matching `sigma` (float32): SD3's "sigma_sqrt" (1 / sigma^2)
+    and "cosmap" (2 / (pi (1 - 2 sigma + 2 sigma^2))), as diffusers' `compute_loss_weighting_for_sd3`;
+    "diffsynth", DiffSynth-Studio's FlowMatchScheduler training weight: y = exp(-2 (sigma - 1/2)^2)
+    less its minimum over the schedule `table`, divided by its mean there (so a uniform index into
+    the table has mean weight 1 and the extremes weigh least); "none", ones."""
+    sigma = sigma.float()
+    if scheme == "sigma_sqrt":
+        return sigma**-2.0
+    if scheme == "cosmap":
+        return 2 / (math.pi * (1 - 2 * sigma + 2 * sigma**2))
+    if scheme == "diffsynth":
+        assert table is not None, "diffsynth weights are normalized over the schedule"
+
+        def bell(s: torch.Tensor) -> torch.Tensor:
+            return torch.exp(-2 * (s.float() * 1000 - 500) ** 2 / 1000**2)
+
+        shifted = bell(table) - bell(table).min()
+        return (bell(sigma) - bell(table).min().to(sigma.device)) / shifted.mean().to(sigma.device)
+    return torch.ones_like(sigma)
 
 
 def sample_noise(values: Mapping[str, Any], ctx: UnitContext) -> dict[str, Any]:
@@ -188,8 +273,19 @@ def _latent_units(adapter: Adapter, units: list[Unit], vae_latents: str) -> list
 
 
 def denoise_loss(values: Mapping[str, Any], ctx: UnitContext) -> dict[str, Any]:
+    """MSE in float32; with `weighting_scheme`, the batch mean of each sample's MSE times its weight."""
     pred, target = values["model_pred"].float(), values["target"].float()
-    return {"loss": torch.nn.functional.mse_loss(pred, target)}
+    scheme = ctx.settings.get("weighting_scheme", "none")
+    if scheme == "none":
+        return {"loss": torch.nn.functional.mse_loss(pred, target)}
+    table = None
+    if scheme == "diffsynth":  # the schedule sample_timestep drew from (its scheduler: always in stage 2)
+        scheduler = ctx.components["scheduler"]
+        steps = scheduler.config.num_train_timesteps
+        table = _set_sigmas(scheduler, steps, _seq_len(pred, ctx.settings.get("patch_size", 2)))[:-1]
+    weights = loss_weights(scheme, values["sigma"], table).to(pred.device)
+    per_sample = ((pred - target) ** 2).reshape(pred.shape[0], -1).mean(dim=1)
+    return {"loss": (weights * per_sample).mean()}
 
 
 def initial_noise(values: Mapping[str, Any], ctx: UnitContext) -> dict[str, Any]:
@@ -272,7 +368,7 @@ def _sft_units() -> list[Unit]:
             sample_timestep,
             components=("scheduler",),
             draws_random=True,
-            doc="flow: uniform index into the shifted sigmas; DDPM: uniform integer timestep",
+            doc="flow: an index into the shifted sigmas (train.timestep_sampling); DDPM: an integer timestep",
         ),
         Unit(
             "sample_noise",
@@ -290,7 +386,13 @@ def _sft_units() -> list[Unit]:
             components=("scheduler",),
             doc="noising and target of the scheduler's objective",
         ),
-        Unit("denoise_loss", ("model_pred", "target"), ("loss",), denoise_loss, doc="MSE in fp32"),
+        Unit(
+            "denoise_loss",
+            ("model_pred", "target", "sigma"),
+            ("loss",),
+            denoise_loss,
+            doc="MSE in fp32, weighted by sigma with train.weighting_scheme",
+        ),
     ]
 
 

@@ -378,6 +378,24 @@ def test_seed_flags_set_the_right_keys():
             "log_every_s": 30.0,
             "blocks_to_swap": "auto",
             "base_precision": "dtype",
+            "optimizer": "adamw",
+            "adam_beta1": 0.9,
+            "adam_beta2": 0.999,
+            "adam_weight_decay": 0.01,
+            "adam_epsilon": 1e-8,
+            "lr_scheduler": "constant",
+            "lr_warmup_steps": 0,
+            "lr_num_cycles": 1,
+            "lr_power": 1.0,
+            "max_grad_norm": 0.0,
+            "timestep_sampling": "uniform",
+            "logit_mean": 0.0,
+            "logit_std": 1.0,
+            "mode_scale": 1.29,
+            "sigmoid_scale": 1.0,
+            "weighting_scheme": "none",
+            "guidance_scale": 3.5,
+            "report_to": "none",
         },
         "lora": {
             "base_model": "transformer",
@@ -414,5 +432,6 @@ def test_all_keys_lists_top_level_and_nested_keys():
     assert keys[0] == "output_path"
     assert {"model.path", "data.base_path", "train.learning_rate", "lora.rank", "cache.zstd_level"} <= set(keys)
     assert not {"model", "data", "train", "lora", "cache"} & set(keys)
-    assert len(keys) == len(set(keys)) == 1 + 4 + 16 + 18 + 8 + 7 + 6
+    # train: 18, and 18 of the optimizer, the schedule, the objective and the trackers
+    assert len(keys) == len(set(keys)) == 1 + 4 + 16 + (18 + 18) + 8 + 7 + 6
     assert all(re.fullmatch(r"[a-z_]+(\.[a-z_0-9]+)?", k) for k in keys)

@@ -21,7 +21,9 @@ from autosplit.adapters.sd import CLIP_LORA_WORDS, clip_module_name, clip_native
 from autosplit.graph import Unit, UnitContext
 
 T5_TOKENS = 512  # FluxPipeline's max_sequence_length
-TRAIN_GUIDANCE = 3.5  # guidance of dev-style checkpoints in training, as DiffSynth-Studio and diffusers' scripts
+#: guidance of dev-style checkpoints in training when `train.guidance_scale` is not given: diffusers'
+#: train_dreambooth_lora_flux.py's default (DiffSynth-Studio trains FLUX.1-dev with 1)
+TRAIN_GUIDANCE = 3.5
 
 #: black-forest-labs/FLUX.1-dev, transformer/config.json (11.9 B parameters)
 FULL_SIZE_TRANSFORMER = dict(
@@ -185,9 +187,10 @@ def denoise(values: Mapping[str, Any], ctx: UnitContext) -> dict[str, Any]:
     noisy, embeds = values["noisy_latents"], values["prompt_embeds"].to(ctx.dtype)
     b, _, h, w = noisy.shape
     guidance = None
-    if transformer.config.guidance_embeds:  # a rollout passes the row's cfg_scale
+    if transformer.config.guidance_embeds:  # a rollout passes the row's cfg_scale; sft, train.guidance_scale
         given = values.get("guidance")
-        guidance = given.flatten() if given is not None else torch.full((b,), TRAIN_GUIDANCE)
+        train_guidance = float(ctx.settings.get("guidance_scale", TRAIN_GUIDANCE))
+        guidance = given.flatten() if given is not None else torch.full((b,), train_guidance)
         guidance = guidance.to(ctx.device, torch.float32)
     pred = transformer(
         hidden_states=pack_latents(noisy).to(ctx.dtype),

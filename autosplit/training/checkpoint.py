@@ -2,7 +2,8 @@
 
 A checkpoint holds what a resumed run needs to continue the exact sequence of an uninterrupted
 one: the trainable weights (`weights.safetensors`), the optimizer's tensors
-(`optimizer.safetensors`) and its hyper-parameters, the RNG states (`rng.safetensors`), and
+(`optimizer.safetensors`), its hyper-parameters and the learning-rate schedule's state
+(`optimizer.json`), the RNG states (`rng.safetensors`), and
 `state.json` (optimizer steps, micro-steps, loader state, the loss log so far, and the settings
 that must not change across a resume; the number of processes may, see `loader.remaining_batches`).
 Per-step noise and timesteps are a pure function of (seed, micro-step, rank), so the micro-step count
@@ -81,8 +82,11 @@ def _rng_tensors() -> dict[str, torch.Tensor]:
     return states
 
 
-def save_checkpoint(output: Path, *, model: torch.nn.Module, optimizer: Any, state: TrainState, keep: int) -> Path:
-    """Write `output/checkpoints/step-<state.step>/` atomically; keep the newest `keep` checkpoints."""
+def save_checkpoint(
+    output: Path, *, model: torch.nn.Module, optimizer: Any, state: TrainState, keep: int, lr_schedule: Any = None
+) -> Path:
+    """Write `output/checkpoints/step-<state.step>/` atomically; keep the newest `keep` checkpoints.
+    `lr_schedule` (with `state_dict()`, JSON data) is saved beside the optimizer's hyper-parameters."""
     root = checkpoint_root(output)
     final = root / f"step-{state.step}"
     tmp = root / f"step-{state.step}.partial"
@@ -90,6 +94,8 @@ def save_checkpoint(output: Path, *, model: torch.nn.Module, optimizer: Any, sta
     tmp.mkdir(parents=True)
     save_file(_trainable(model), tmp / "weights.safetensors")
     tensors, meta = _optimizer_tensors(optimizer)
+    if lr_schedule is not None:
+        meta["lr_scheduler"] = lr_schedule.state_dict()
     save_file(tensors, tmp / "optimizer.safetensors")
     save_file(_rng_tensors(), tmp / "rng.safetensors")
     (tmp / "optimizer.json").write_text(json.dumps(meta))
@@ -106,8 +112,11 @@ def _prune(root: Path, keep: int) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def load_checkpoint(path: Path, *, model: torch.nn.Module, optimizer: Any, settings: dict[str, Any]) -> TrainState:
-    """Restore weights, optimizer and RNG from `path`; return its TrainState.
+def load_checkpoint(
+    path: Path, *, model: torch.nn.Module, optimizer: Any, settings: dict[str, Any], lr_schedule: Any = None
+) -> TrainState:
+    """Restore weights, optimizer, learning-rate schedule (`lr_schedule.load_state_dict(saved or
+    None, path=path)`) and RNG from `path`; return its TrainState.
 
     Raises CheckpointError if the checkpoint was made with other settings or other weights.
     """
@@ -123,6 +132,8 @@ def load_checkpoint(path: Path, *, model: torch.nn.Module, optimizer: Any, setti
     tensors = load_file(path / "optimizer.safetensors")
     meta = json.loads((path / "optimizer.json").read_text())
     optimizer.load_state_dict(_optimizer_state(tensors, meta))
+    if lr_schedule is not None:
+        lr_schedule.load_state_dict(meta.get("lr_scheduler"), path=path)
     rng = load_file(path / "rng.safetensors")
     torch.set_rng_state(rng["torch_cpu"])
     cuda = [rng[k] for k in sorted(rng) if k.startswith("torch_cuda_")]

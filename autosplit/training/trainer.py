@@ -34,6 +34,7 @@ from autosplit.planning.stages import stage_units
 from autosplit.storage.cache import open_reader
 from autosplit.storage.codec import decode_sources
 from autosplit.storage.loader import PrefetchLoader, collate, to_device
+from autosplit.tasks import check_step_settings, step_settings
 from autosplit.training.checkpoint import (
     TrainState,
     checkpoint_root,
@@ -42,10 +43,12 @@ from autosplit.training.checkpoint import (
     save_checkpoint,
 )
 from autosplit.training.lora import make_trainable, save_trained
+from autosplit.training.optim import LrSchedule, check_optimizer_device, grad_norm, make_optimizer
 from autosplit.training.placement import ComponentSource, place_denoiser, weight_placement
 from autosplit.training.rng import step_generator
 from autosplit.training.stage1 import Progress, compute_sample, stage_context
 from autosplit.training.swap import BlockSwapper
+from autosplit.training.tracking import RunLog, tracker_kwargs
 
 log = logging.getLogger(__name__)
 
@@ -144,13 +147,39 @@ def _one_variant_per_epoch(read: Any, buckets: Sequence[Hashable], submit: Any, 
 _NOT_RESUMED_LORA_KEYS = ("format", "checkpoint")
 
 
+#: train settings of the optimizer, schedule and objective a resumed run must keep; recorded only
+#: when not at their defaults, so that checkpoints written before they existed still resume
+_OPTIMIZATION_KEYS = (
+    "optimizer",
+    "adam_beta1",
+    "adam_beta2",
+    "adam_weight_decay",
+    "adam_epsilon",
+    "lr_scheduler",
+    "lr_warmup_steps",
+    "lr_num_cycles",
+    "lr_power",
+    "max_grad_norm",
+    "timestep_sampling",
+    "logit_mean",
+    "logit_std",
+    "mode_scale",
+    "sigmoid_scale",
+    "weighting_scheme",
+    "guidance_scale",
+)
+
+
 def resume_settings(
     train: TrainConfig, lora: LoraConfig, data: DataConfig, *, shard_size: int, dtype: torch.dtype
 ) -> dict[str, Any]:
-    """The settings a checkpoint must share with the run that resumes it (epochs and max_steps may grow)."""
+    """The settings a checkpoint must share with the run that resumes it (epochs and max_steps may
+    grow, unless the learning-rate schedule depends on the run's length: `LrSchedule`)."""
     train_keys = ("learning_rate", "batch_size", "gradient_accumulation_steps", "seed", "mixed_precision")
+    default = TrainConfig()
     return {
         **{f"train.{k}": getattr(train, k) for k in train_keys},
+        **{f"train.{k}": getattr(train, k) for k in _OPTIMIZATION_KEYS if getattr(train, k) != getattr(default, k)},
         **{f"lora.{k}": v for k, v in vars(lora).items() if k not in _NOT_RESUMED_LORA_KEYS},
         "data.repeat": data.repeat,
         "data.shuffle_window": data.shuffle_window,
@@ -192,8 +221,10 @@ def train(
         mixed_precision=cfg.mixed_precision,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         kwargs_handlers=[ddp],
+        **tracker_kwargs(cfg.report_to, output),
     )
     device = accelerator.device
+    check_optimizer_device(cfg, device)
     if device.type == "cuda" and not cfg.cudnn_attention:
         torch.backends.cuda.enable_cudnn_sdp(False)  # see train.cudnn_attention
     placement = weight_placement(plan, models.adapter, trained[0])
@@ -215,7 +246,10 @@ def train(
             )
         ]
         swapper = place_denoiser(components[trained[0]], placement, device=device)
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate)
+    settings_of_step = {**unit_settings, **step_settings(cfg)}
+    check_step_settings(graph, components.get("scheduler"), settings_of_step)
+    optimizer = make_optimizer(params, cfg)
+    schedule_optimizer = optimizer  # the schedule steps the optimizer itself, not accelerate's wrapper
     # the models are on their devices already (the swapped blocks' frozen weights on the host)
     *prepared, optimizer = accelerator.prepare(
         *[components[name] for name in trained], optimizer, device_placement=[False] * len(trained) + [True]
@@ -242,13 +276,19 @@ def train(
     )
     pick.loader = loader
     _check_accumulation(len(loader), train=cfg, repeat=data.repeat, world_size=accelerator.num_processes)
+    whole_run = _planned_steps(
+        loader, done=0, num_epochs=cfg.num_epochs, max_steps=cfg.max_steps, accumulation=cfg.gradient_accumulation_steps
+    )
+    lr_schedule = LrSchedule(schedule_optimizer, cfg, num_training_steps=whole_run)
     units = stage_units(plan, graph, 2)
     if accelerator.is_main_process:
         output.mkdir(parents=True, exist_ok=True)
         (output / "plan.json").write_text(plan.to_json())
     model = trained_modules({name: accelerator.unwrap_model(components[name]) for name in trained})
     settings = resume_settings(cfg, lora, data, shard_size=loader.shard_size, dtype=models.dtype)
-    state = _maybe_resume(resume_from, accelerator, model, optimizer, loader, settings=settings)
+    state = _maybe_resume(
+        resume_from, accelerator, model, optimizer, loader, settings=settings, lr_schedule=lr_schedule
+    )
     log, micro, start = list(state.log), state.micro_step, time.perf_counter()
     total = _planned_steps(
         loader,
@@ -258,6 +298,7 @@ def train(
         accumulation=cfg.gradient_accumulation_steps,
     )
     step_seconds: list[float] = []
+    samples_in_step, lr, norm = 0, 0.0, 0.0
     accelerator.step = micro  # gradient accumulation continues its cycle
 
     def checkpoint() -> None:
@@ -269,9 +310,17 @@ def train(
                     f"float32 (--dtype float32) to find the op"
                 )
             state = TrainState(len(log), micro, loader.epoch, loader.state_dict(), log, settings)
-            save_checkpoint(output, model=model, optimizer=optimizer, keep=cfg.checkpoints_kept, state=state)
+            save_checkpoint(
+                output,
+                model=model,
+                optimizer=optimizer,
+                keep=cfg.checkpoints_kept,
+                state=state,
+                lr_schedule=lr_schedule,
+            )
 
-    log_file = _open_log(output, log, write=accelerator.is_main_process)
+    run_log = RunLog(accelerator, output, log, report_to=cfg.report_to, hparams=_hparams(cfg, lora))
+    trainable = [p for p in model.parameters() if p.requires_grad]
     trace = _open_trace(accelerator.process_index)
     stop = cfg.max_steps or None  # otherwise every batch of every epoch
     tick = time.perf_counter()
@@ -296,14 +345,20 @@ def train(
                 if inputs.inline is not None:
                     batch = inputs.inline(batch)
                 batch = to_device(batch, device)
+                samples_in_step += len(loader.current) * accelerator.num_processes
                 with accelerator.accumulate(*prepared):
                     generator = step_generator(cfg.seed, micro, accelerator.process_index)
                     ctx = UnitContext(
-                        components, device, models.dtype, generator=generator, settings=dict(unit_settings)
+                        components, device, models.dtype, generator=generator, settings=dict(settings_of_step)
                     )
                     loss = run_units(units, batch, ctx)[graph.loss]
                     accelerator.backward(loss)
+                    if accelerator.sync_gradients:
+                        norm = _clip_or_measure(accelerator, trainable, cfg.max_grad_norm)
+                        lr = lr_schedule.lr
                     optimizer.step()
+                    if accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped:
+                        lr_schedule.step()
                     optimizer.zero_grad()
                 micro += 1
                 if accelerator.sync_gradients:
@@ -316,16 +371,18 @@ def train(
                         )
                     step_seconds.append(time.perf_counter() - tick)
                     tick = time.perf_counter()
-                    log.append({"step": len(log) + 1, "epoch": epoch, "loss": mean_loss})
-                    log_file.write(json.dumps(log[-1]) + "\n")
-                    log_file.flush()
+                    log.append({"step": len(log) + 1, "epoch": epoch, "loss": mean_loss, "lr": lr, "grad_norm": norm})
+                    run_log.log_step(log[-1], _step_scalars(log[-1], samples_in_step / step_seconds[-1], device))
+                    samples_in_step = 0
                     progress.update(1, loss=f"{mean_loss:.4f}")
+                    # an optimizer step is done: a validation hook every N steps (issue 13, item 3) goes
+                    # here, before the checkpoint, logging its images with run_log.log_images
                     last = len(log) == stop or (epoch == cfg.num_epochs - 1 and loader.position == num_batches)
                     if cfg.checkpoint_every and len(log) % cfg.checkpoint_every == 0 and not last:
                         checkpoint()  # the last one is written after the loop
                     if len(log) == stop:
                         break
-    log_file.close()
+    run_log.close()
     if trace is not None:
         trace.close()
     if swapper is not None:
@@ -345,6 +402,38 @@ def train(
     return TrainResult(
         len(log), [entry["loss"] for entry in log], output, time.perf_counter() - start, accelerator.is_main_process
     )
+
+
+def _clip_or_measure(accelerator: Any, params: list[torch.nn.Parameter], max_norm: float) -> float:
+    """Clip the gradients' total norm to `max_norm` through accelerate (0: leave them), and return
+    their norm before clipping, unscaled (fp16)."""
+    if max_norm > 0:
+        return float(accelerator.clip_grad_norm_(params, max_norm))
+    scaler = getattr(accelerator, "scaler", None)
+    return grad_norm(params, scale=float(scaler.get_scale()) if scaler is not None else 1.0)
+
+
+def _step_scalars(entry: dict[str, Any], samples_per_s: float, device: torch.device) -> dict[str, float]:
+    """What the trackers get each optimizer step: loss, rate, gradient norm, throughput, peak memory
+    (the GPU's allocated peak, or on the CPU the process's peak resident memory), in bytes."""
+    import resource
+
+    scalars = {
+        "train/loss": entry["loss"],
+        "train/lr": entry["lr"],
+        "train/grad_norm": entry["grad_norm"],
+        "train/samples_per_s": samples_per_s,
+    }
+    if device.type == "cuda":
+        scalars["memory/peak_allocated_bytes"] = float(torch.cuda.max_memory_allocated(device))
+    else:
+        scalars["memory/host_peak_rss_bytes"] = float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    return scalars
+
+
+def _hparams(train: TrainConfig, lora: LoraConfig) -> dict[str, Any]:
+    """The settings trackers record with the run."""
+    return {**{f"train.{k}": v for k, v in vars(train).items()}, **{f"lora.{k}": v for k, v in vars(lora).items()}}
 
 
 def _planned_steps(loader: PrefetchLoader, *, done: int, num_epochs: int, max_steps: int, accumulation: int) -> int:
@@ -495,10 +584,13 @@ def _maybe_resume(
     loader: PrefetchLoader,
     *,
     settings: dict[str, Any],
+    lr_schedule: LrSchedule,
 ) -> TrainState:
     if path is None:
         return TrainState(0, 0, 0, loader.state_dict(), [], settings)
-    state = load_checkpoint(path, model=accelerator.unwrap_model(model), optimizer=optimizer, settings=settings)
+    state = load_checkpoint(
+        path, model=accelerator.unwrap_model(model), optimizer=optimizer, settings=settings, lr_schedule=lr_schedule
+    )
     try:
         loader.load_state_dict(state.loader)
     except ValueError as exc:
@@ -523,16 +615,6 @@ def _open_trace(rank: int) -> Any:
         return None
     Path(folder).mkdir(parents=True, exist_ok=True)
     return (Path(folder) / f"rank-{rank}.jsonl").open("a", buffering=1)
-
-
-def _open_log(output: Path, entries: list[dict[str, Any]], *, write: bool) -> Any:
-    """train_log.jsonl holding exactly `entries` (a resumed run drops lines past its checkpoint)."""
-    if not write:
-        return open(os.devnull, "w")
-    f = (output / "train_log.jsonl").open("w")
-    for entry in entries:
-        f.write(json.dumps(entry) + "\n")
-    return f
 
 
 def trained_modules(models: dict[str, torch.nn.Module]) -> torch.nn.Module:
