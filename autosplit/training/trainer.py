@@ -29,7 +29,7 @@ from autosplit.config import DataConfig, LoraConfig, TrainConfig
 from autosplit.data import Sample
 from autosplit.errors import CheckpointError, ConfigError, TrainingError
 from autosplit.graph import UnitContext, UnitGraph, run_units
-from autosplit.plan import SOURCE, Plan
+from autosplit.plan import Plan
 from autosplit.planning.stages import stage_units
 from autosplit.storage.cache import open_reader
 from autosplit.storage.codec import decode_sources
@@ -90,7 +90,7 @@ def cache_inputs(plan: Plan, cache_path: Path, *, reader_kind: str) -> TrainInpu
     """Stage 2 reads the cached values of `plan` from the cache at `cache_path`."""
     ragged = {v.name: v.ragged_axis for v in plan.cached if v.ragged_axis is not None}
     reader = open_reader(cache_path, kind=reader_kind)
-    sources = [v.name for v in plan.cached if v.producer == SOURCE]
+    sources = plan.python_values()  # dataset sources and Python values units return: lists again
     return TrainInputs(
         reader.read,
         reader.bucket_keys,
