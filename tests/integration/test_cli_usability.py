@@ -16,7 +16,7 @@ import pytest
 
 from autosplit import __version__
 from autosplit.cli import build_parser, main
-from autosplit.config import SEED_FLAGS
+from autosplit.config import FLAGS
 from autosplit.training.stage1 import Progress, format_seconds
 from autosplit.training.trainer import TrainResult
 from autosplit.workflow.run import RunResult
@@ -67,12 +67,16 @@ def test_version(capsys):
 def test_run_help_shows_the_config_defaults():
     run = build_parser()._subparsers._group_actions[0].choices["run"]
     text = " ".join(run.format_help().split())
-    assert "AdamW learning rate (default: 1e-4)" in text
+    assert (
+        "the optimizer's learning rate (the peak of --lr_scheduler; Prodigy: its multiplier, ~1) (default: 1e-4)"
+        in text
+    )
+    assert "clip the gradients' total norm to this (0: no clipping) (default: 0)" in text
     assert "epochs of stage 2 (default: 1; 8 on the built-in dataset)" in text
     assert "micro-batches per optimizer step (default: 1)" in text
     helps = {action.dest: action.help for action in run._actions}
-    assert all("default" in (helps[flag] or "") for flag in SEED_FLAGS), [
-        flag for flag in SEED_FLAGS if "default" not in (helps[flag] or "")
+    assert all("default" in (helps[flag] or "") for flag in FLAGS), [
+        flag for flag in FLAGS if "default" not in (helps[flag] or "")
     ]
 
 
