@@ -101,6 +101,11 @@ class TrainConfig:
     #: let torch use cuDNN's fused attention on CUDA; off by default because its backward returns
     #: NaN for some shapes since torch 2.11 (pytorch#196678; seen here on tiny FLUX on an H100)
     cudnn_attention: bool = False
+    #: torch.compile the denoiser's repeated blocks on CUDA (diffusers' regional compilation,
+    #: `compile_repeated_blocks`): "blocks", "none", or "auto" (blocks on CUDA when the denoiser has
+    #: repeated blocks and none is swapped or stored in fp8). Full-size Qwen-Image on an H200: 1.49x
+    #: faster steps after a ~32 s first step (profiles/gpu/step_speed-h200.json, docs/benchmarks.md)
+    compile: str = "none"
     #: when the progress bar is not shown (stderr is not a terminal, e.g. a log file): log step,
     #: steps/s, loss and ETA every this many seconds (0: every step)
     log_every_s: float = 30.0
@@ -434,6 +439,10 @@ def validate(config: RunConfig) -> list[str]:
     return problems + _placement_problems(config) + trainer_problems(config.train, device=config.model.device)
 
 
+#: `train.compile` values
+COMPILE = ("none", "blocks", "auto")
+
+
 def _choice(key: str, value: str, choices: tuple[str, ...], flag: str) -> list[str]:
     if value in choices:
         return []
@@ -449,6 +458,7 @@ def trainer_problems(train: TrainConfig, *, device: str = "auto") -> list[str]:
     problems += _choice("train.lr_scheduler", train.lr_scheduler, LR_SCHEDULERS, "--lr_scheduler")
     problems += _choice("train.timestep_sampling", train.timestep_sampling, TIMESTEP_SAMPLING, "--timestep_sampling")
     problems += _choice("train.report_to", train.report_to, REPORT_TO, "--report_to")
+    problems += _choice("train.compile", train.compile, COMPILE, "--set train.compile=...")
     if train.weighting_scheme in ("logit_normal", "mode"):
         problems.append(
             f"train.weighting_scheme={train.weighting_scheme!r} is a timestep sampling here: diffusers' "

@@ -215,3 +215,29 @@ def test_wandb_asked_for_and_not_installed_is_one_line(capsys, tmp_path):
     assert capsys.readouterr().err.strip().splitlines() == [
         "autosplit: error: --report_to wandb needs wandb: pip install wandb, or --report_to tensorboard"
     ]
+
+
+def test_train_compile_chooses_regional_compilation_only_where_it_was_measured():
+    import torch
+
+    from autosplit.errors import ConfigError
+    from autosplit.training.placement import WeightPlacement
+    from autosplit.training.trainer import compiles_blocks
+
+    class Blocks(torch.nn.Module):
+        _repeated_blocks = ["Linear"]
+
+        def compile_repeated_blocks(self, **kwargs):  # a diffusers model's method, not called here
+            raise AssertionError
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    plain, swapped = WeightPlacement(), WeightPlacement(blocks_to_swap=2, block_lists=("b",))
+    assert compiles_blocks("auto", Blocks(), device=cuda, placement=plain)
+    assert not compiles_blocks("auto", Blocks(), device=cpu, placement=plain)
+    assert not compiles_blocks("auto", Blocks(), device=cuda, placement=swapped)
+    assert compiles_blocks("blocks", Blocks(), device=cpu, placement=swapped)
+    assert not compiles_blocks("none", Blocks(), device=cuda, placement=plain)
+    plain_module = torch.nn.Linear(2, 2)
+    assert not compiles_blocks("auto", plain_module, device=cuda, placement=plain)
+    with pytest.raises(ConfigError, match=r"train.compile=blocks: Linear declares no repeated blocks"):
+        compiles_blocks("blocks", plain_module, device=cpu, placement=plain)

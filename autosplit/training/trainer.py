@@ -246,6 +246,8 @@ def train(
             )
         ]
         swapper = place_denoiser(components[trained[0]], placement, device=device)
+        if compiles_blocks(cfg.compile, components[trained[0]], device=device, placement=placement):
+            components[trained[0]].compile_repeated_blocks(fullgraph=False)  # compiled at the first step
     settings_of_step = {**unit_settings, **step_settings(cfg)}
     check_step_settings(graph, components.get("scheduler"), settings_of_step)
     optimizer = make_optimizer(params, cfg)
@@ -434,6 +436,22 @@ def _step_scalars(entry: dict[str, Any], samples_per_s: float, device: torch.dev
 def _hparams(train: TrainConfig, lora: LoraConfig) -> dict[str, Any]:
     """The settings trackers record with the run."""
     return {**{f"train.{k}": v for k, v in vars(train).items()}, **{f"lora.{k}": v for k, v in vars(lora).items()}}
+
+
+def compiles_blocks(mode: str, model: Any, *, device: torch.device, placement: Any) -> bool:
+    """Whether stage 2 compiles the denoiser's repeated blocks (`train.compile`): "blocks" always
+    (ConfigError for a model without diffusers' `_repeated_blocks`), "auto" on CUDA when it has
+    them and its weights are placed plainly (no swapped block, no fp8: hooks and custom autograd
+    functions inside a compiled block are not measured), "none" never."""
+    repeated = bool(getattr(model, "_repeated_blocks", None)) and hasattr(model, "compile_repeated_blocks")
+    if mode == "blocks" and not repeated:
+        raise ConfigError(
+            f"--set train.compile=blocks: {type(model).__name__} declares no repeated blocks to compile "
+            f"(diffusers' _repeated_blocks); use train.compile=none"
+        )
+    if mode == "auto":
+        return repeated and device.type == "cuda" and not placement.on_host_first
+    return mode == "blocks"
 
 
 def _planned_steps(loader: PrefetchLoader, *, done: int, num_epochs: int, max_steps: int, accumulation: int) -> int:
