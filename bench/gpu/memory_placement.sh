@@ -6,6 +6,7 @@
 #
 #   bash bench/gpu/memory_placement.sh              # GPU host, ~8 min (wheels in .gpuwheels)
 #   PART=2 bash bench/gpu/memory_placement.sh       # bit-for-bit swap vs none, fp8 output and loss, timing
+#   PART=compile bash bench/gpu/memory_placement.sh # eager vs train.compile=blocks, uncapped (issue 16)
 #   SMOKE=1 bash bench/gpu/memory_placement.sh      # a small folder on the CPU, here
 set -uo pipefail
 OUT=${OUT:-/tmp/memory_placement_out}
@@ -54,6 +55,12 @@ if [ -n "${SMOKE:-}" ]; then
     $PY bench/gpu/memory_placement.py fp8diff "$SHM/qwen" "$OUT/fp8_difference.json" 2>&1 | tail -1
     DET=1 run 3-det "" --blocks_to_swap 2; run 4-fp8 "" --base_precision fp8
   fi
+elif [ "${PART:-1}" = compile ]; then
+  # regional compilation through `autosplit run` (issue 16): the same run eager and compiled, and
+  # compiled again under a 48 GiB cap with the planner's prediction judged
+  run 0-eager ""
+  run 1-compiled "" --set train.compile=blocks
+  run 2-compiled-cap48 48 --vram_budget 48 --set train.compile=blocks
 elif [ "${PART:-1}" = 2 ]; then
   BASE=--base=f-uncapped
   # bit-for-bit: deterministic algorithms on, unswapped vs 47 blocks swapped; fp8: output and loss
