@@ -579,3 +579,60 @@ def test_mincut_and_enumeration_agree_with_per_output_placement(seed, num_units)
         if placement.replays:  # a split unit replays exactly its random outputs, from what stage 2 supplies
             assert set(placement.replays) == {v.name for v in profile.unit(placement.name).outputs if v.random}
             assert set(placement.replay_late) <= random_values
+
+
+def test_a_unit_that_branches_on_a_supplied_noise_stays_whole_and_says_why():
+    def noise(values, ctx):
+        return {"noise": torch.randn(1, 4, generator=ctx.generator)}
+
+    def encode_and_pass(values, ctx):
+        scale = 2.0 if float(values["noise"].mean()) > 0 else 1.0  # a branch on the stage-2 value
+        return {"latents": ctx.components["vae"](values["image"]), "passed": values["noise"] * scale}
+
+    plan, _ = profiled_plan(
+        [
+            Unit("noise", ("image",), ("noise",), noise),
+            Unit("encode", ("image", "noise"), ("latents", "passed"), encode_and_pass, components=("vae",)),
+            Unit(
+                "loss",
+                ("latents", "passed"),
+                ("loss",),
+                lambda v, c: {"loss": c.components["net"](v["latents"] + v["passed"]).mean()},
+                components=("net",),
+            ),
+        ],
+        ("image",),
+        {"image": torch.ones(1, 4)},
+        {"net": torch.nn.Linear(4, 4), "vae": torch.nn.Linear(4, 4).requires_grad_(False)},
+    )
+    encode = plan.units[1]
+    assert encode.stage == 2 and "vae" in plan.components(2)
+    assert encode.reason == (
+        "stage 2: reads noise from stage 2; latents alone would be cacheable, but it cannot be split: its random "
+        "part reads a value into Python (_local_scalar_dense, e.g. .item() or a branch on a random tensor)"
+    )
+
+
+def test_a_supplied_input_computed_by_a_trained_component_keeps_the_unit_whole():
+    def trained_noise(values, ctx):  # random, and from the trained net: stage 1 could not make a stand-in
+        return {"noise": ctx.components["net"](torch.randn(1, 4, generator=ctx.generator))}
+
+    def encode_and_pass(values, ctx):
+        return {"latents": ctx.components["vae"](values["image"]), "passed": values["noise"] * 1}
+
+    plan, _ = profiled_plan(
+        [
+            Unit("noise", ("image",), ("noise",), trained_noise, components=("net",)),
+            Unit("encode", ("image", "noise"), ("latents", "passed"), encode_and_pass, components=("vae",)),
+            Unit("loss", ("latents", "passed"), ("loss",), lambda v, c: {"loss": (v["latents"] + v["passed"]).mean()}),
+        ],
+        ("image",),
+        {"image": torch.ones(1, 4)},
+        {"net": torch.nn.Linear(4, 4), "vae": torch.nn.Linear(4, 4).requires_grad_(False)},
+    )
+    assert plan.units[1].stage == 2 and not plan.units[1].replays
+    assert plan.units[1].reason == (
+        "stage 2: outputs need grad; latents alone would be cacheable, but its other outputs are computed from "
+        "values that need grad (a trained component's), which stage 1 cannot make stand-ins of: compute latents "
+        "in a unit of its own"
+    )

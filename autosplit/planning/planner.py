@@ -65,7 +65,8 @@ def _forced_reason(
     if facts.uses_trainable:
         return f"stage 2: uses trainable {', '.join(facts.uses_trainable)} (outputs need grad)"
     if facts.needs_grad:
-        return "stage 2: outputs need grad"
+        note = _cacheable_note(facts, unit, profile, split, batch_size, refused) if profile is not None else ""
+        return f"stage 2: outputs need grad{note}"
     if facts.random_ops:
         ops = "declared draws_random" if facts.random_ops == ("declared",) else ", ".join(facts.random_ops)
         note = _cacheable_note(facts, unit, profile, split, batch_size, refused)
@@ -82,6 +83,11 @@ def _cacheable_note(
         return ""
     f = profile.unit(unit.name).fission if profile is not None else None
     which = ", ".join(partial)
+    if f is None and facts.needs_grad:
+        return (
+            f"; {which} alone would be cacheable, but its other outputs are computed from values that need grad "
+            f"(a trained component's), which stage 1 cannot make stand-ins of: compute {which} in a unit of its own"
+        )
     if f is None:
         return f"; {which} alone would be cacheable: split the unit to cache them"
     problem = f.problem or refused.get(unit.name)
