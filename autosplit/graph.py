@@ -181,6 +181,41 @@ class UnitGraph:
         return seen
 
 
+def unit(
+    *, outputs: tuple[str, ...], components: tuple[str, ...] = (), name: str | None = None, doc: str = ""
+) -> Callable[[Callable[..., dict[str, Any]]], Unit]:
+    """Make a Unit of a function that takes the step context and then its inputs by name, the way
+    DiffSynth-Studio's units take theirs (`process(self, pipe, input_image, noise, edit_image=None)`):
+    the parameters after the first are the unit's inputs, and those defaulting to None are optional.
+
+        @unit(outputs=("input_latents", "latents"), components=("vae",))
+        def input_image(ctx, image, noise):
+            return {"input_latents": ctx.components["vae"].encode(image).latent_dist.mode(), "latents": noise}
+
+    Raises GraphError for a function with `*args`/`**kwargs` or without the context parameter."""
+    import inspect
+
+    def make(fn: Callable[..., dict[str, Any]]) -> Unit:
+        params = list(inspect.signature(fn).parameters.values())
+        if not params or any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params):
+            raise GraphError(
+                f"@unit {fn.__name__}: take the context first and then each input by name (no *args or **kwargs)"
+            )
+        inputs = tuple(p.name for p in params[1:])
+        optional = tuple(p.name for p in params[1:] if p.default is None)
+        return Unit(
+            name or fn.__name__,
+            inputs,
+            tuple(outputs),
+            lambda values, ctx: fn(ctx, **values),
+            tuple(components),
+            doc=doc or (fn.__doc__ or "").strip(),
+            optional=optional,
+        )
+
+    return make
+
+
 def _renamed(unit: Unit, reads: dict[str, str], writes: dict[str, str]) -> Unit:
     """`unit` reading the value versions `reads` maps its inputs to and writing the versions `writes`
     maps its outputs to; its function still sees the names it was written with."""

@@ -313,3 +313,28 @@ def test_an_optional_input_may_be_absent_and_the_unit_may_then_leave_outputs_out
         strict({}, ctx())
     with pytest.raises(GraphError, match=re.escape("returned [] but declares outputs ['edit']")):
         strict({"edit_image": None}, ctx())
+
+
+def test_the_unit_decorator_reads_inputs_and_optional_ones_from_the_signature():
+    from autosplit.graph import unit as as_unit
+
+    @as_unit(outputs=("latents", "edit"), components=("vae",))
+    def encode(ctx, image, edit_image=None):
+        """Encodes the image (and the edit image, if any)."""
+        return {"latents": image * 2} | ({} if edit_image is None else {"edit": edit_image + 1})
+
+    assert (encode.name, encode.inputs, encode.optional, encode.components) == (
+        "encode",
+        ("image", "edit_image"),
+        ("edit_image",),
+        ("vae",),
+    )
+    assert encode.doc == "Encodes the image (and the edit image, if any)."
+    assert encode({"image": 3}, ctx()) == {"latents": 6, "edit": None}
+    assert encode({"image": 3, "edit_image": 1}, ctx()) == {"latents": 6, "edit": 2}
+
+    def bad(*values):
+        return {}
+
+    with pytest.raises(GraphError, match=re.escape("@unit bad: take the context first")):
+        as_unit(outputs=("x",))(bad)
