@@ -12,7 +12,9 @@ inputs:
 - `eager`: cuDNN attention off (the trainer's default, `train.cudnn_attention = false`);
 - `eager_cudnn`: cuDNN attention on;
 - `compiled`: `compile_repeated_blocks` (torch.compile of each transformer block), cuDNN off;
-- `compiled_cudnn`: compiled, cuDNN on.
+- `compiled_cudnn`: compiled, cuDNN on;
+- `eager_nomask`, `compiled_nomask`: without the all-ones text mask, so the attention processor
+  builds no attention mask and SDPA may take its flash kernel.
 
 For each: the first step's seconds (compilation included), the median of the others, the
 achieved TFLOP/s (the fake profile's 234.9 TFLOP of a step, before the recompute), the losses
@@ -175,6 +177,8 @@ def main() -> None:
     parser.add_argument("out", type=Path)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--small", action="store_true")
+    parser.add_argument("--only", default="", help="comma-separated variants (default: all)")
+    parser.add_argument("--no-breakdown", action="store_true")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() and not args.small else "cpu")
     tick = time.perf_counter()
@@ -186,17 +190,22 @@ def main() -> None:
         "build_s": round(time.perf_counter() - tick, 1),
     }
     cudnn = torch.backends.cuda.enable_cudnn_sdp
-    if device.type == "cuda":
+    if device.type == "cuda" and not args.no_breakdown:
         cudnn(False)
         result["breakdown_eager"] = breakdown(model, params, inputs)
         print(json.dumps({"breakdown_eager": result["breakdown_eager"]}), flush=True)
     variants: dict[str, Any] = {}
+    unmasked = {**inputs, "encoder_hidden_states_mask": None}  # all ones: the processor then builds no mask
     for name, use_cudnn, compiled in (
         ("eager", False, False),
         ("eager_cudnn", True, False),
+        ("eager_nomask", False, False),
         ("compiled", False, True),
         ("compiled_cudnn", True, True),
+        ("compiled_nomask", False, True),
     ):
+        if args.only and name not in args.only.split(","):
+            continue
         if compiled and "compiled" not in result:
             tick = time.perf_counter()
             model.compile_repeated_blocks(fullgraph=False)
@@ -204,7 +213,8 @@ def main() -> None:
         if device.type == "cuda":
             cudnn(use_cudnn)
             torch.cuda.reset_peak_memory_stats()
-        variants[name] = run_variant(model, params, start, inputs, steps=args.steps, device=device)
+        given = unmasked if name.endswith("nomask") else inputs
+        variants[name] = run_variant(model, params, start, given, steps=args.steps, device=device)
         print(json.dumps({name: variants[name]}), flush=True)
     base = variants["eager"]["losses"]
     for v in variants.values():
