@@ -104,8 +104,8 @@ class UnitGraph:
                     )
                 if value in self.producer:
                     raise GraphError(
-                        f"value {value!r} is produced by both {self.producer[value]!r} and {unit.name!r}; "
-                        f"a unit that rewrites it lists it among its inputs too"
+                        f"value {value!r} is produced by both {self.producer[value]!r} and {unit.name!r}; a unit "
+                        f"that rewrites it lists it among its inputs too and is declared after the unit that makes it"
                     )
                 self.producer[value] = unit.name
         for unit in units:
@@ -186,7 +186,8 @@ def unit(
 ) -> Callable[[Callable[..., dict[str, Any]]], Unit]:
     """Make a Unit of a function that takes the step context and then its inputs by name, the way
     DiffSynth-Studio's units take theirs (`process(self, pipe, input_image, noise, edit_image=None)`):
-    the parameters after the first are the unit's inputs, and those defaulting to None are optional.
+    the parameters after the first are the unit's inputs, and those with a default are optional (an
+    absent one gets its default).
 
         @unit(outputs=("input_latents", "latents"), components=("vae",))
         def input_image(ctx, image, noise):
@@ -202,12 +203,17 @@ def unit(
                 f"@unit {fn.__name__}: take the context first and then each input by name (no *args or **kwargs)"
             )
         inputs = tuple(p.name for p in params[1:])
-        optional = tuple(p.name for p in params[1:] if p.default is None)
+        optional = tuple(p.name for p in params[1:] if p.default is not p.empty)
+
+        def call(values: Mapping[str, Any], ctx: UnitContext) -> dict[str, Any]:
+            given = {k: v for k, v in values.items() if v is not None or k not in optional}
+            return fn(ctx, **given)  # an absent optional input gets the function's default
+
         return Unit(
             name or fn.__name__,
             inputs,
             tuple(outputs),
-            lambda values, ctx: fn(ctx, **values),
+            call,
             tuple(components),
             doc=doc or (fn.__doc__ or "").strip(),
             optional=optional,

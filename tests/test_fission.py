@@ -424,3 +424,24 @@ def test_a_branch_on_a_supplied_random_input_keeps_the_unit_whole():
     unit = Unit("u", ("image", "noise"), ("latents", "noisy"), fn)
     _, rec = record(unit, {"image": torch.ones(1, 4), "noise": torch.randn(1, 4)}, ctx(), late=("noise",))
     assert rec.problem is not None and "reads a value into Python" in rec.problem
+
+
+def test_writing_into_a_supplied_input_keeps_the_unit_whole_and_a_crafted_write_is_refused():
+    def fn(values, c):
+        return {"latents": values["image"] * 2, "noisy": values["noise"].mul_(2)}
+
+    unit = Unit("u", ("image", "noise"), ("latents", "noisy"), fn)
+    _, rec = record(unit, {"image": torch.ones(1, 4), "noise": torch.randn(1, 4)}, ctx(), late=("noise",))
+    assert rec.problem == "it writes in place into noise, an input stage 2 supplies (mul_); compute a new tensor"
+    noise = torch.randn(1, 4)
+    crafted = {
+        "version": 1,
+        "ops": [{"op": "aten::mul_.Scalar", "args": {"list": [{"t": ["i", "noise", 0]}, 0]}, "kwargs": {"dict": {}}}],
+        "outputs": {"noisy": {"t": ["o", 0, 0]}},
+        "frontier": 0,
+        "devices": {},
+    }
+    before = noise.clone()
+    with pytest.raises(CacheError, match=r"writes in place into an input stage 2 supplies \('noise'\)"):
+        replay(crafted, [], {}, ctx(), late={"noise": noise})
+    assert torch.equal(noise, before)

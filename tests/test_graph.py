@@ -319,14 +319,15 @@ def test_the_unit_decorator_reads_inputs_and_optional_ones_from_the_signature():
     from autosplit.graph import unit as as_unit
 
     @as_unit(outputs=("latents", "edit"), components=("vae",))
-    def encode(ctx, image, edit_image=None):
+    def encode(ctx, image, edit_image=None, tiled=False):
         """Encodes the image (and the edit image, if any)."""
+        assert tiled is False  # an absent input with a default gets it
         return {"latents": image * 2} | ({} if edit_image is None else {"edit": edit_image + 1})
 
     assert (encode.name, encode.inputs, encode.optional, encode.components) == (
         "encode",
-        ("image", "edit_image"),
-        ("edit_image",),
+        ("image", "edit_image", "tiled"),
+        ("edit_image", "tiled"),
         ("vae",),
     )
     assert encode.doc == "Encodes the image (and the edit image, if any)."

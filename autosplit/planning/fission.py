@@ -143,10 +143,9 @@ class _Recorder(TorchDispatchMode):
         self.largest = self.total = 0  # elements of the recorded ops' outputs: the most of one op, all
         # inputs stage 2 supplies (a random or trained value): dirty from the start, referenced by name
         for name, value in late.items():
-            for j, leaf in enumerate(tree_flatten(value)[0]):
-                if isinstance(leaf, torch.Tensor):
-                    self._mark_dirty(leaf)
-                    self._remember(leaf, ["i", name, j])
+            for j, leaf in enumerate(_tensor_leaves(value)):
+                self._mark_dirty(leaf)
+                self._remember(leaf, ["i", name, j])
 
     def _random(self, func: Any, args: tuple, kwargs: Mapping[str, Any]) -> bool:
         if not _draws_random(func, args, kwargs):
@@ -179,6 +178,7 @@ class _Recorder(TorchDispatchMode):
                     }
             except Unsplittable as exc:
                 self.problem = str(exc)
+        self._refuse_writes_to_supplied(func, args)
         out = func(*args, **kwargs)
         index = len(self.ops)
         for j, leaf in enumerate(tree_flatten(out)[0]):
@@ -200,6 +200,18 @@ class _Recorder(TorchDispatchMode):
             sizes = [leaf.numel() for leaf in tree_flatten(out)[0] if isinstance(leaf, torch.Tensor)]
             self.largest, self.total = max([self.largest, *sizes]), self.total + sum(sizes)
         return out
+
+    def _refuse_writes_to_supplied(self, func: Any, args: tuple) -> None:
+        """An op writing in place into an input stage 2 supplies keeps the unit whole (the replay would
+        change a value other units read)."""
+        for arg, value in zip(func._schema.arguments, args):
+            ref = self.refs.get(id(value)) if isinstance(value, torch.Tensor) else None
+            write = arg.alias_info is not None and arg.alias_info.is_write
+            if write and ref is not None and ref[0] == "i" and self.problem is None:
+                op = func._overloadpacket.__name__
+                self.problem = (
+                    f"it writes in place into {ref[1]}, an input stage 2 supplies ({op}); compute a new tensor"
+                )
 
     def _mark_dirty(self, t: torch.Tensor) -> None:
         storage = t.untyped_storage()
@@ -358,12 +370,17 @@ def _reuse_clean_outputs(
         return x
 
     recorder.ops[:] = rewrite(recorder.ops)
-    encoded.update(rewrite(encoded))
+    encoded.update({name: rewrite(value) for name, value in encoded.items()})  # a name may be "t"
     return frontier, tuple(reads)
 
 
 def _leaves(values: Mapping[str, Any]) -> list[torch.Tensor]:
-    return [t for v in values.values() for t in tree_flatten(v)[0] if isinstance(t, torch.Tensor)]
+    return [t for v in values.values() for t in _tensor_leaves(v)]
+
+
+def _tensor_leaves(value: Any) -> list[torch.Tensor]:
+    """The tensors of a value, in order: what `["i", name, k]` references count."""
+    return [t for t in tree_flatten(value)[0] if isinstance(t, torch.Tensor)]
 
 
 def _first_line(exc: BaseException) -> str:
@@ -417,7 +434,7 @@ def _execute(
 ) -> dict[str, Any]:
     """Run the ops of a checked graph; with `limit`, refuse an op whose outputs exceed it (a dry run)."""
     results: list[list[Any]] = []
-    supplied = {name: tree_flatten(value)[0] for name, value in late.items()}
+    supplied = {name: _tensor_leaves(value) for name, value in late.items()}
     decode = _decoder(frontier, reads, results, ctx, supplied)
     total = 0
     for i, op in enumerate(graph["ops"]):
@@ -460,10 +477,7 @@ def _dry_run(
         mode = FakeTensorMode()
         fake_frontier: list[torch.Tensor] = [mode.from_tensor(t) for t in frontier]
         fake_reads = {n: mode.from_tensor(v) for n, v in reads.items()}
-        fake_late = {
-            n: [mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in tree_flatten(v)[0]]
-            for n, v in late.items()
-        }
+        fake_late = {n: [mode.from_tensor(t) for t in _tensor_leaves(v)] for n, v in late.items()}
         generator = None if ctx.generator is None else torch.Generator(ctx.generator.device)
         try:
             with mode:
@@ -636,7 +650,8 @@ def recording_unit(unit: Unit, split: Split, stand_ins: list[Unit] | None = None
         return result
 
     outputs = split_outputs(unit, split.dirty, split.frontier)
-    return Unit(unit.name, inputs, outputs, fn, unit.components, doc=unit.doc)
+    optional = tuple(v for v in inputs if v in unit.optional or any(v in u.optional for u in stand_ins))
+    return Unit(unit.name, inputs, outputs, fn, unit.components, doc=unit.doc, optional=optional)
 
 
 def _check_same(
@@ -649,9 +664,9 @@ def _check_same(
         and len(rec.frontier) == len(other.frontier)
         and all(torch.equal(x, y) for x, y in zip(rec.frontier, other.frontier))
         and all(
-            torch.equal(out[n], other_out[n])
+            torch.equal(out[n], other_out[n]) if isinstance(out[n], torch.Tensor) else out[n] == other_out[n]
             for n in unit.outputs
-            if n not in split.dirty and isinstance(out[n], torch.Tensor)
+            if n not in split.dirty
         )
     )
     if not same:

@@ -329,8 +329,12 @@ def _cached_values(
     """The values that cross the cut, and those of them that were None when profiled (absent: not
     cached). Raises PlanError for a value the cache cannot hold."""
     cached, absent = [], []
+    missing = profile.notes.get("absent_sources", ()) if profile is not None else ()
     for source in graph.sources:  # dataset values a stage-2 unit reads (the prompt, when text encoding trains)
         if any(c not in stage1 for c in graph.consumers(source)):
+            if source in missing:  # an optional column the profiled dataset does not have
+                absent.append(source)
+                continue
             layout = layouts.get(source)
             cached.append(
                 CachedValue(
@@ -397,7 +401,7 @@ def _kind(profile: Profile | None, value: str, fissions: dict[str, FissionProfil
         return kind
     raise PlanError(
         f"value {value!r} (from unit {producer!r}) would be cached, but it is a {kind.removeprefix('object ')} "
-        f"per sample and the cache holds only tensors, numbers, strings and lists of ints (None where an input "
+        f"per sample and the cache holds only tensors, numbers, strings and tuples of ints (None where an input "
         f"is optional): return a tensor from {producer!r} (e.g. torchvision's pil_to_tensor for an image), or "
         f"compute the value in the unit that reads it"
     )

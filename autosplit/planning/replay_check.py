@@ -140,6 +140,10 @@ def _check_op(op: Any, scope: _Scope) -> None:
         reason = _value_problem(value, str(arg.real_type), arg.name, scope)
         if reason is not None:
             raise GraphRejected(f"argument {arg.name!r} {reason}")
+        ref = _tag(value, "t")
+        if arg.alias_info is not None and arg.alias_info.is_write and isinstance(ref, list) and ref[0] in ("i", "v"):
+            what = "an input stage 2 supplies" if ref[0] == "i" else "a cached clean output"
+            raise GraphRejected(f"writes in place into {what} ({ref[1]!r}), which a recording never does")
 
 
 def _value_problem(x: Any, kind: str, arg: str, scope: _Scope) -> str | None:

@@ -14,11 +14,11 @@ def stage_units(plan: Plan, graph: UnitGraph, stage: int) -> list[Unit]:
     units = []
     for placement in plan.units:
         unit = graph[placement.name]
-        if placement.replays and placement.stage == 1:
+        if (placement.replays or placement.replay_late) and placement.stage == 1:
             split = Split(placement.replays, placement.frontier, placement.replay_reads, placement.replay_late)
             if stage == 1:
                 units.append(recording_unit(unit, split, [graph[n] for n in placement.stand_ins]))
-            else:
+            elif placement.replays:  # a unit that reads a supplied input only for its shape replays nothing
                 units.append(replay_unit(unit, split))
         elif placement.stage == stage:
             units.append(unit)

@@ -230,19 +230,25 @@ def value_kind(value: Any) -> str:
     if not isinstance(value, (list, tuple)):
         return f"object {type(value).__module__}.{type(value).__qualname__}"
 
-    def one(x: Any) -> str:
+    def one(x: Any) -> str:  # what comes back from the cache must be what went in (split == unsplit)
         if x is None:
             return "none"
         if isinstance(x, torch.Tensor):
             return "tensors"
-        if isinstance(x, (str, Path)):
+        if isinstance(x, str):
             return "text"
-        if isinstance(x, (bool, numbers.Integral)):
+        if isinstance(x, Path):
+            return "object pathlib.Path (stage 2 would read a str: return str(path))"
+        if isinstance(x, bool):
+            return "object bool (stage 2 would read an int: return int(flag))"
+        if isinstance(x, numbers.Integral):
             return "int"
         if isinstance(x, numbers.Real):
             return "float"
-        if isinstance(x, (list, tuple)) and all(isinstance(v, numbers.Integral) for v in x):
+        if isinstance(x, tuple) and all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in x):
             return "ints"
+        if isinstance(x, list) and all(isinstance(v, numbers.Integral) for v in x):
+            return "object list of ints (stage 2 would read a tuple: return tuple(values))"
         return f"object {type(x).__module__}.{type(x).__qualname__}"
 
     kinds = {one(x) for x in value} or {"none"}
@@ -288,7 +294,8 @@ def profile_unit(
     outputs = tuple(_value_profile(name, out[name], tracer, unit, values) for name in unit.outputs)
     random = [v for v in outputs if v.random]
     split = None
-    if random and not any(v.needs_grad for v in outputs):
+    reads_random = bool(random_inputs & set(unit.inputs))  # it may use them for shapes only
+    if (random or reads_random) and not any(v.needs_grad for v in outputs):
         split = _profile_fission(unit, values, ctx, tuple(n for n in unit.inputs if n in random_inputs))
     profile = UnitProfile(
         name=unit.name,
@@ -399,6 +406,7 @@ def trace_graph(
         step = _profile_grad_step(graph, grad_units, values, ctx)
         components = component_profiles(ctx.components)
     batch_size = next((len(v) for v in batch.values() if isinstance(v, list)), 1)
+    absent = [name for name in graph.sources if batch.get(name) is None]  # optional columns the dataset lacks
     whole = Profile(
         pipeline=pipeline,
         task=task,
@@ -407,6 +415,7 @@ def trace_graph(
         units=tuple(units),
         components=components,
         grad_step=step,
+        notes={"absent_sources": absent} if absent else {},
     )
     return whole, values
 
@@ -436,7 +445,7 @@ def _profile_grad_step(
     for unit in grad_units:
         for name in unit.inputs:
             if name not in produced:
-                value = values[name]
+                value = values.get(name)  # an optional input the dataset lacks is None
                 inputs[name] = value.detach() if isinstance(value, torch.Tensor) else value
     if not grad_units:
         return StepProfile((), 0, 0, 0.0)

@@ -10,8 +10,10 @@ or unsplit from the samples), with LoRA set up as the trainer sets it up for a f
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,16 +21,19 @@ from typing import Any
 
 import torch
 
+from autosplit import __version__
 from autosplit.adapters.base import ValueLayout
 from autosplit.adapters.code import CodeAdapter
 from autosplit.config import CacheConfig, DataConfig, LoraConfig, TrainConfig
 from autosplit.data import Sample, read_dataset, source_digest
-from autosplit.errors import ConfigError
+from autosplit.errors import CacheError, ConfigError
 from autosplit.graph import Unit, UnitContext, UnitGraph
 from autosplit.plan import Plan
+from autosplit.planning.plan_check import cut_difference
 from autosplit.planning.planner import make_plan
 from autosplit.planning.profile import Profile
 from autosplit.planning.tracer import profile_graph
+from autosplit.storage.cache import CacheReader
 from autosplit.training.lora import make_trainable, weights_digest
 from autosplit.training.placement import BuiltComponents
 from autosplit.training.rng import step_generator
@@ -117,8 +122,13 @@ class Pipeline:
         """Stage 1: the plan's stage-1 units over `samples`, into the Zarr cache at `path`
         (resumable; a cache of another plan, other stage-1 weights or other samples is rebuilt)."""
         digests = [source_digest(s) for s in samples]
+        stage1 = [u.name for u in plan.units if u.stage == 1] + [n for u in plan.units for n in u.stand_ins]
         key = {
             "plan": plan.cut_signature(),
+            # the code of what stage 1 runs, and its settings: an edited unit makes the cache stale
+            "units": {name: _code_digest(self.graph[name].fn) for name in dict.fromkeys(stage1)},
+            "settings": json.dumps(dict(self.settings), sort_keys=True, default=str),
+            "versions": {"torch": torch.__version__.split("+")[0], "autosplit": __version__},
             "components": {n: _digest(self.components[n]) for n in plan.components(1)},
             "dtype": str(self.dtype).removeprefix("torch."),
             **({"replay_device": self.models.device.type} if any(u.replays for u in plan.units) else {}),
@@ -158,6 +168,9 @@ class Pipeline:
             if cache is None:
                 raise ConfigError("Pipeline.train: a split plan trains from a cache; pass cache=<the path of cache()>")
             settings["cache_path"] = str(cache)
+            problem = cut_difference(CacheReader(Path(cache)).plan.cut_signature(), plan.cut_signature())
+            if problem is not None:
+                raise CacheError(f"{cache}: its plan is not this plan ({problem}); run Pipeline.cache with this plan")
             inputs = cache_inputs(plan, Path(cache), reader_kind="zarr")
         else:
             if samples is None:
@@ -198,6 +211,32 @@ class Pipeline:
 
 def _used(graph: UnitGraph) -> list[str]:
     return list(dict.fromkeys(c for unit in graph for c in unit.components))
+
+
+def _code_digest(fn: Any) -> str:
+    """A unit function's code: its bytecode, constants, names and defaults, the plain values it closes
+    over, and the same of the functions it closes over (a unit made with `@unit` or by renaming wraps
+    the written one), recursively. Not what it reaches through globals or objects."""
+    h = hashlib.sha256()
+    seen: set[int] = set()
+
+    def add(f: Any) -> None:
+        code = getattr(f, "__code__", None)
+        if code is None or id(code) in seen:
+            return
+        seen.add(id(code))
+        h.update(code.co_code + repr((code.co_consts, code.co_names, getattr(f, "__qualname__", ""))).encode())
+        h.update(repr(getattr(f, "__defaults__", None)).encode())
+        for cell in getattr(f, "__closure__", None) or ():
+            with contextlib.suppress(ValueError):  # an empty cell
+                value = cell.cell_contents
+                if isinstance(value, (int, float, str, bytes, tuple, frozenset)) or value is None:
+                    h.update(repr(value).encode())  # a setting the function closes over
+                else:
+                    add(value)
+
+    add(fn)
+    return h.hexdigest()
 
 
 def _digest(component: Any) -> str:
