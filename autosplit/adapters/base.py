@@ -30,6 +30,31 @@ class ValueLayout:
 
 
 @dataclass(frozen=True)
+class Sampling:
+    """How a family's diffusers pipeline samples an image, as validation images during training do
+    it (`autosplit.training.validation`: the trained `denoise` unit in a diffusers scheduler's
+    loop). Pixel sizes are multiples of the family's `image_multiple`."""
+
+    #: a unit function of the VAE: {"latents": B x latent_shape, normalized as the family's
+    #: encode_image leaves them} -> {"image": B,3,H,W in [-1, 1], the VAE's dtype}, as the pipeline decodes
+    decode: Callable[..., dict[str, Any]]
+    #: (VAE config, width, height) -> one image's latent shape (channels first)
+    latent_shape: Callable[[Any, int, int], tuple[int, ...]]
+    #: the VAE config's pixels per latent pixel
+    scale_factor: Callable[[Any], int]
+    #: "cfg" (classifier-free guidance with the negative prompt, at a scale above 1) or "embedded"
+    #: (the transformer's guidance input, when its config has `guidance_embeds`: FLUX.1-dev)
+    guidance: str
+    #: the pipeline's default guidance scale
+    default_guidance: float
+    #: (conditional, unconditional, scale) -> the guided prediction; None: the usual
+    #: unconditional + scale x (conditional - unconditional)
+    combine: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor] | None = None
+    #: an empty negative prompt conditions on zeros (SDXL's `force_zeros_for_empty_prompt`)
+    zero_empty_negative: bool = False
+
+
+@dataclass(frozen=True)
 class LoraNaming:
     """How one LoRA file format other than diffusers' names a family's LoRA layers (one per
     family and format: `Adapter.lora_naming`; the file itself is written by
@@ -119,6 +144,8 @@ class Adapter(Protocol):
     #: a unit function giving the VAE posterior's mean and std (`data.vae_latents` sample and
     #: frozen_sample), or None when the family supports only the posterior mode
     encode_image_dist: Callable[..., dict[str, Any]] | None
+    #: how the family's pipeline samples an image (validation images), or None when it cannot
+    sampling: Sampling | None
 
     def load_component(self, root: Path, name: str, *, device: torch.device, dtype: torch.dtype) -> Any: ...
 
@@ -149,6 +176,7 @@ class AdapterBase:
     full_size_scheduler: Mapping[str, Any] | None = None
     full_size_components: Mapping[str, Any] | None = None
     encode_image_dist: Callable[..., dict[str, Any]] | None = None
+    sampling: Sampling | None = None
 
     def component_from_config(
         self, root: Path | None, name: str, *, overrides: Mapping[str, Any] | None = None

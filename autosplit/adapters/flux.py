@@ -15,9 +15,9 @@ from typing import Any
 import torch
 
 from autosplit.adapters import full_size, tiny
-from autosplit.adapters.base import AdapterBase, LoraNaming, ValueLayout, note_truncation, rename_table
+from autosplit.adapters.base import AdapterBase, LoraNaming, Sampling, ValueLayout, note_truncation, rename_table
 from autosplit.adapters.qwen_image import pack_latents, unpack_latents
-from autosplit.adapters.sd import CLIP_LORA_WORDS, clip_module_name, clip_native_name
+from autosplit.adapters.sd import CLIP_LORA_WORDS, clip_module_name, clip_native_name, kl_latent_shape, kl_scale_factor
 from autosplit.graph import Unit, UnitContext
 
 T5_TOKENS = 512  # FluxPipeline's max_sequence_length
@@ -175,6 +175,19 @@ def encode_image(values: Mapping[str, Any], ctx: UnitContext) -> dict[str, Any]:
     return {"image_latents": ((z - vae.config.shift_factor) * vae.config.scaling_factor).to(ctx.dtype)}
 
 
+def decode_image(values: Mapping[str, Any], ctx: UnitContext) -> dict[str, Any]:
+    """Shifted and scaled latents -> images in [-1, 1], as FluxPipeline decodes them."""
+    vae = ctx.components["vae"]
+    latents = values["latents"].to(ctx.device, vae.dtype)
+    latents = (latents / vae.config.scaling_factor) + vae.config.shift_factor
+    return {"image": vae.decode(latents, return_dict=False)[0]}
+
+
+#: FluxPipeline's sampling: dev-style checkpoints get guidance 3.5 through their guidance embedding
+#: (no negative prompt; schnell has neither)
+SAMPLING = Sampling(decode_image, kl_latent_shape, kl_scale_factor, guidance="embedded", default_guidance=3.5)
+
+
 def image_ids(h: int, w: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     ids = torch.zeros(h, w, 3)
     ids[..., 1] += torch.arange(h)[:, None]
@@ -210,6 +223,7 @@ class FluxAdapter(AdapterBase):
 
     name = "flux"
     pipeline_class = "FluxPipeline"
+    sampling = SAMPLING
     base_model_aliases = {"dit": "transformer", "transformer": "transformer"}
     image_multiple = 16  # VAE /8, then 2x2 patches
     patch_size = 2  # 2x2 latent patches per token

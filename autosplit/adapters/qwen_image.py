@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from autosplit.adapters.base import AdapterBase, LoraNaming, ValueLayout, config_only, note_truncation
+from autosplit.adapters.base import AdapterBase, LoraNaming, Sampling, ValueLayout, config_only, note_truncation
 from autosplit.graph import Unit, UnitContext
 
 PROMPT_TEMPLATE = (
@@ -170,6 +170,41 @@ def encode_image_dist(values: Mapping[str, Any], ctx: UnitContext) -> dict[str, 
     return {"latent_mean": mean.to(ctx.dtype), "latent_std": std.to(ctx.dtype)}
 
 
+def decode_image(values: Mapping[str, Any], ctx: UnitContext) -> dict[str, Any]:
+    """Normalized latents (B,16,h,w) -> images in [-1, 1], as QwenImagePipeline decodes them."""
+    vae = ctx.components["vae"]
+    latents = values["latents"].to(ctx.device, vae.dtype).unsqueeze(2)  # B,16,1,h,w (video VAE)
+    shape = (1, vae.config.z_dim, 1, 1, 1)
+    mean = torch.tensor(vae.config.latents_mean).view(shape).to(latents.device, latents.dtype)
+    inverse_std = 1.0 / torch.tensor(vae.config.latents_std).view(shape).to(latents.device, latents.dtype)
+    return {"image": vae.decode(latents / inverse_std + mean, return_dict=False)[0][:, :, 0]}
+
+
+def vae_scale_factor(vae_config: Any) -> int:
+    return 2 ** len(vae_config["temperal_downsample"])
+
+
+def latent_shape(vae_config: Any, width: int, height: int) -> tuple[int, ...]:
+    factor = vae_scale_factor(vae_config)
+    return (vae_config["z_dim"], height // factor, width // factor)
+
+
+def true_cfg(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
+    """QwenImagePipeline's guidance: CFG, then each token's prediction rescaled to the norm of the
+    conditional one (norms over the 2x2-packed channels, B,16,h,w in and out)."""
+    cond_packed, uncond_packed = pack_latents(cond), pack_latents(uncond)
+    combined = uncond_packed + scale * (cond_packed - uncond_packed)
+    cond_norm = torch.norm(cond_packed, dim=-1, keepdim=True)
+    noise_norm = torch.norm(combined, dim=-1, keepdim=True)
+    return unpack_latents(combined * (cond_norm / noise_norm), cond.shape[-2], cond.shape[-1])
+
+
+#: QwenImagePipeline's sampling: true CFG 4 with the negative prompt, rescaled to the conditional norm
+SAMPLING = Sampling(
+    decode_image, latent_shape, vae_scale_factor, guidance="cfg", default_guidance=4.0, combine=true_cfg
+)
+
+
 def pack_latents(latents_bchw: torch.Tensor) -> torch.Tensor:
     b, c, h, w = latents_bchw.shape
     x = latents_bchw.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
@@ -201,6 +236,7 @@ class QwenImageAdapter(AdapterBase):
     """The Qwen-Image family (`QwenImagePipeline` folders)."""
 
     encode_image_dist = staticmethod(encode_image_dist)
+    sampling = SAMPLING
 
     name = "qwen_image"
     pipeline_class = "QwenImagePipeline"

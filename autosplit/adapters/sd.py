@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from autosplit.adapters import full_size, tiny
-from autosplit.adapters.base import AdapterBase, LoraNaming, ValueLayout, config_only, note_truncation
+from autosplit.adapters.base import AdapterBase, LoraNaming, Sampling, ValueLayout, config_only, note_truncation
 from autosplit.errors import ModelError
 from autosplit.graph import Unit, UnitContext
 
@@ -312,6 +312,32 @@ def encode_image(values: Mapping[str, Any], ctx: UnitContext) -> dict[str, Any]:
     return {"image_latents": (z * vae.config.scaling_factor).to(ctx.dtype)}
 
 
+def decode_image(values: Mapping[str, Any], ctx: UnitContext) -> dict[str, Any]:
+    """Scaled latents -> images in [-1, 1], as StableDiffusion(XL)Pipeline decodes them (SDXL's
+    upcast VAE in float32)."""
+    vae = ctx.components["vae"]
+    latents = values["latents"].to(ctx.device, vae.dtype)
+    return {"image": vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]}
+
+
+def kl_scale_factor(vae_config: Any) -> int:
+    """AutoencoderKL's pixels per latent pixel: 2 ** (number of blocks - 1)."""
+    return 2 ** (len(vae_config["block_out_channels"]) - 1)
+
+
+def kl_latent_shape(vae_config: Any, width: int, height: int) -> tuple[int, ...]:
+    factor = kl_scale_factor(vae_config)
+    return (vae_config["latent_channels"], height // factor, width // factor)
+
+
+#: StableDiffusionPipeline's sampling: CFG 7.5 with the negative prompt (sampled with Euler here)
+SD_SAMPLING = Sampling(decode_image, kl_latent_shape, kl_scale_factor, guidance="cfg", default_guidance=7.5)
+#: StableDiffusionXLPipeline's: CFG 5, and an empty negative prompt conditions on zeros
+SDXL_SAMPLING = Sampling(
+    decode_image, kl_latent_shape, kl_scale_factor, guidance="cfg", default_guidance=5.0, zero_empty_negative=True
+)
+
+
 def denoise(values: Mapping[str, Any], ctx: UnitContext) -> dict[str, Any]:
     added = None
     if "add_time_ids" in values:
@@ -367,6 +393,7 @@ class StableDiffusionAdapter(AdapterBase):
     tasks = ("sft",)
     media = "image"
     xl = False
+    sampling = SD_SAMPLING
 
     def family_units(self) -> list[Unit]:
         encoders = ("tokenizer", "text_encoder") + (("tokenizer_2", "text_encoder_2") if self.xl else ())
@@ -552,5 +579,6 @@ class StableDiffusionXLAdapter(StableDiffusionAdapter):
     name = "sdxl"
     pipeline_class = "StableDiffusionXLPipeline"
     xl = True
+    sampling = SDXL_SAMPLING
     full_size_scheduler = SDXL_SCHEDULER
     full_size_components = SDXL_COMPONENTS

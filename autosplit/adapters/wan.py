@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from autosplit.adapters import full_size, tiny
-from autosplit.adapters.base import AdapterBase, LoraNaming, ValueLayout, note_truncation, rename_table
+from autosplit.adapters.base import AdapterBase, LoraNaming, Sampling, ValueLayout, note_truncation, rename_table
 from autosplit.graph import Unit, UnitContext
 
 TEXT_TOKENS = 512  # WanPipeline's max_sequence_length
@@ -142,6 +142,31 @@ def encode_video(values: Mapping[str, Any], ctx: UnitContext) -> dict[str, Any]:
     return {"image_latents": ((z - mean) / std).to(ctx.dtype)}  # B,16,F',h,w
 
 
+def decode_image(values: Mapping[str, Any], ctx: UnitContext) -> dict[str, Any]:
+    """Normalized latents (B,16,F',h,w) -> the first frame of the clip in [-1, 1], as WanPipeline
+    decodes them."""
+    vae = ctx.components["vae"]
+    latents = values["latents"].to(ctx.device, vae.dtype)
+    shape = (1, vae.config.z_dim, 1, 1, 1)
+    mean = torch.tensor(vae.config.latents_mean).view(shape).to(latents.device, latents.dtype)
+    inverse_std = 1.0 / torch.tensor(vae.config.latents_std).view(shape).to(latents.device, latents.dtype)
+    return {"image": vae.decode(latents / inverse_std + mean, return_dict=False)[0][:, :, 0]}
+
+
+def vae_scale_factor(vae_config: Any) -> int:
+    return 2 ** len(vae_config["temperal_downsample"])
+
+
+def latent_shape(vae_config: Any, width: int, height: int) -> tuple[int, ...]:
+    """One frame: Wan's clips of 4k + 1 frames have k + 1 latent frames."""
+    factor = vae_scale_factor(vae_config)
+    return (vae_config["z_dim"], 1, height // factor, width // factor)
+
+
+#: WanPipeline's sampling: CFG 5 with the negative prompt; validation samples one frame, a still image
+SAMPLING = Sampling(decode_image, latent_shape, vae_scale_factor, guidance="cfg", default_guidance=5.0)
+
+
 def denoise(values: Mapping[str, Any], ctx: UnitContext) -> dict[str, Any]:
     embeds = values["prompt_embeds"].to(ctx.dtype)
     embeds = torch.nn.functional.pad(embeds, (0, 0, 0, TEXT_TOKENS - embeds.shape[1]))  # as the pipeline pads
@@ -159,6 +184,7 @@ class WanAdapter(AdapterBase):
 
     name = "wan"
     pipeline_class = "WanPipeline"
+    sampling = SAMPLING
     base_model_aliases = {"dit": "transformer", "transformer": "transformer"}
     image_multiple = 16  # VAE /8, then 2x2 patches
     patch_size = 2  # 2x2 latent patches per token
