@@ -515,6 +515,9 @@ def predict(plan: Plan, profile: Profile, *, batch_size: int = 1) -> dict[str, A
     stage 2 = components its units use + AdamW state (2x the trainable bytes) + the cached batch +
     the larger of the gradient step's peak and any frozen stage-2 unit's peak. Unsplit = every
     component + AdamW state + the larger of any stage-1 unit's peak and the stage-2 activations.
+    With validation images (`profile.notes["validation"]`: the decode's peak and the decoder's
+    device, autosplit.training.validation), see `add_validation`; unsplit holds the VAE already,
+    so a decode on the GPU adds its peak only.
     """
     comp = {c.name: c for c in profile.components}
     stage1 = {u.name for u in plan.units if u.stage == 1}
@@ -531,7 +534,7 @@ def predict(plan: Plan, profile: Profile, *, batch_size: int = 1) -> dict[str, A
     activations2 = max([profile.grad_step.peak_bytes, *frozen2])
     stage1_peaks = [profile.unit(n).peak_bytes for n in stage1] or [0]
     all_components = plan.components(1) + [c for c in plan.components(2) if c not in plan.components(1)]
-    return {
+    predicted = {
         "profile_mode": profile.mode,
         "batch_size": batch_size,
         "stage1_peak_bytes": resident(plan.components(1)) + max(stage1_peaks),
@@ -548,6 +551,40 @@ def predict(plan: Plan, profile: Profile, *, batch_size: int = 1) -> dict[str, A
         + sum(f.flops for f in replayed),
         # what `place_memory` plans from: the denoiser's repeated blocks (bytes and FLOPs of one)
         "blocks": [dataclasses.asdict(b) for b in profile.blocks],
+    }
+    validation = profile.notes.get("validation")
+    if not validation:
+        return predicted
+    decode, device = int(validation["decode_peak_bytes"]), validation["device"]
+    if device != "cpu":
+        working = max(max(stage1_peaks), batch + activations2, batch + decode)
+        predicted["unsplit_peak_bytes"] = resident(all_components) + optimizer + working
+    vae = comp["vae"].frozen_bytes if "vae" in comp else 0
+    return add_validation(
+        predicted, decoder_bytes=vae, decode_peak_bytes=decode, device=device, vae_in_stage2="vae" in plan.components(2)
+    )
+
+
+def add_validation(
+    predicted: dict[str, Any], *, decoder_bytes: int, decode_peak_bytes: int, device: str, vae_in_stage2: bool
+) -> dict[str, Any]:
+    """`predicted` with stage 2's validation rounds (docs/algorithm.md, section 6): a round holds stage
+    2's components, the optimizer state and the cached batch, and decodes with the VAE, whose bytes
+    (`decoder_bytes`, unless stage 2 holds the VAE already) and decode peak come on top. Decoding on
+    the GPU (`device` "cuda"), that round's peak joins stage 2's, so the budget check counts it;
+    on "cpu" it is recorded, not counted. Idempotent: stage 2's peak without validation is kept in
+    `stage2_train_peak_bytes`."""
+    train_peak = predicted.get("stage2_train_peak_bytes", predicted["stage2_peak_bytes"])
+    base = predicted["stage2_resident_bytes"] + predicted["optimizer_bytes"] + predicted["cached_batch_bytes"]
+    peak = base + decode_peak_bytes + (0 if vae_in_stage2 else decoder_bytes)
+    return {
+        **predicted,
+        "stage2_train_peak_bytes": train_peak,
+        "stage2_peak_bytes": max(train_peak, peak) if device != "cpu" else train_peak,
+        "validation_peak_bytes": peak,
+        "validation_decoder_bytes": decoder_bytes,
+        "validation_decode_peak_bytes": decode_peak_bytes,
+        "validation_decoder_device": device,
     }
 
 
