@@ -19,6 +19,7 @@ from autosplit import __version__
 from autosplit.config import (
     BUILTIN_PRESET,
     FLAGS,
+    LIST_FLAGS,
     LORA_FORMATS,
     LR_SCHEDULERS,
     OPTIMIZERS,
@@ -87,6 +88,14 @@ _FLAG_HELP.update(
         "weighting_scheme": f"loss weight by sigma: {', '.join(WEIGHTING_SCHEMES)}",
         "guidance_scale": "guidance value of guidance-distilled FLUX.1 (dev) in training",
         "report_to": f"trackers besides train_log.jsonl, under OUTPUT_PATH/logs: {', '.join(REPORT_TO)}",
+        "validation_prompt": "a prompt to sample with the model as it trains (repeatable): encoded once after stage 1 "
+        "(stage 2 builds no text encoder), images in OUTPUT_PATH/samples/step-N/ and the trackers; steps, guidance, "
+        "seed, size and decoder device are train.validation_* keys (docs/training.md) (default: none, no validation)",
+        "validation_prompts_file": "a text file of more validation prompts, one a line, # starts a comment "
+        "(default: none)",
+        "validation_steps": "sample the validation prompts every N optimizer steps, and after the last (0: after "
+        "the last step only)",
+        "num_validation_images": "images per validation prompt (image k from seed train.validation_seed + k)",
     }
 )
 
@@ -98,7 +107,7 @@ def _flag_help(flag: str) -> str | None:
     key = FLAGS[flag]
     owner, _, name = key.rpartition(".")
     value = getattr(getattr(RunConfig(), owner) if owner else RunConfig(), name)
-    if text is None or "default" in text or value == "":
+    if text is None or "default" in text or value in ("", []):
         return text
     preset = f"; {_shown(BUILTIN_PRESET[key])} on the built-in dataset" if key in BUILTIN_PRESET else ""
     return f"{text} (default: {_shown(value)}{preset})"
@@ -124,7 +133,8 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         help="override a config key, e.g. --set train.learning_rate=5e-5 (repeatable)",
     )
     for flag in FLAGS:
-        parser.add_argument(f"--{flag}", dest=flag, default=None, help=_flag_help(flag))
+        action = "append" if flag in LIST_FLAGS else "store"
+        parser.add_argument(f"--{flag}", dest=flag, default=None, action=action, help=_flag_help(flag))
     parser.add_argument(
         "--use_gradient_checkpointing", action="store_true", help="gradient checkpointing on the trained model"
     )

@@ -152,6 +152,27 @@ class TrainConfig:
     #: trackers besides train_log.jsonl: "none", "tensorboard", "wandb" (offline unless WANDB_MODE
     #: says otherwise) or "all"; written under OUTPUT/logs
     report_to: str = "none"
+    #: validation images (docs/training.md): prompts sampled with the trained denoiser in stage 2,
+    #: encoded once in stage 1 (their text encoder stays out of stage 2)
+    validation_prompts: list[str] = field(default_factory=list)
+    #: a UTF-8 text file of more validation prompts, one a line (blank lines and # comments skipped)
+    validation_prompts_file: str = ""
+    #: sample the validation prompts every this many optimizer steps (0: only after the last step)
+    validation_steps: int = 0
+    #: images per prompt: image k starts from the noise of seed validation_seed + k
+    num_validation_images: int = 1
+    validation_num_inference_steps: int = 20
+    #: 0: the family's pipeline default (Qwen-Image 4 true CFG, FLUX.1-dev 3.5 embedded, SD 7.5,
+    #: SDXL and Wan 5 CFG); 1: no guidance
+    validation_guidance_scale: float = 0.0
+    validation_negative_prompt: str = ""
+    validation_seed: int = 0
+    #: pixels; 0 and 0: the training size of the dataset's first sample
+    validation_width: int = 0
+    validation_height: int = 0
+    #: where the VAE decoder runs: "auto" (the GPU when the plan's budget allows, else the CPU),
+    #: "cpu" or "cuda" (the run's GPU)
+    validation_decoder_device: str = "auto"
 
 
 #: `lora.format` values (docs/lora-formats.md says which family writes what in each)
@@ -281,7 +302,13 @@ TRAINER_FLAGS = {
     "weighting_scheme": "train.weighting_scheme",
     "guidance_scale": "train.guidance_scale",
     "report_to": "train.report_to",
+    "validation_prompt": "train.validation_prompts",
+    "validation_prompts_file": "train.validation_prompts_file",
+    "validation_steps": "train.validation_steps",
+    "num_validation_images": "train.num_validation_images",
 }
+#: flags that may be given more than once, each adding to the list of their key
+LIST_FLAGS = ("validation_prompt",)
 #: every flag that sets one config key
 FLAGS = {**SEED_FLAGS, **TRAINER_FLAGS}
 
@@ -311,6 +338,11 @@ def _field_type(owner: Any, name: str) -> type:
 
 
 def _coerce(key: str, value: Any, kind: type) -> Any:
+    if typing.get_origin(kind) is list:  # a list of strings: TOML's list, or one item from --set
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list) or not all(isinstance(item, str) for item in items):
+            raise ValueError(f"{key}={value!r}: expected a list of strings")
+        return list(items)
     if isinstance(value, str) and kind is not str:
         text = value.strip()
         if kind is bool:
@@ -370,7 +402,7 @@ def flatten_toml(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def validate(config: RunConfig) -> list[str]:
     """Every value problem in `config`, as strings naming the key and the fix."""
-    problems = []
+    problems = validation_problems(config.train)
     checks = [
         ("data.max_pixels", config.data.max_pixels >= 256, "must be at least 256"),
         ("data.repeat", config.data.repeat >= 1, "must be at least 1"),
@@ -561,6 +593,63 @@ def _placement_problems(config: RunConfig) -> list[str]:
             f"block's weights on the GPU until the backward): add --use_gradient_checkpointing"
         ]
     return []
+
+
+#: `train.validation_decoder_device` values
+DECODER_DEVICES = ("auto", "cpu", "cuda")
+
+
+def validation_prompts(train: TrainConfig) -> list[str]:
+    """The validation prompts: `train.validation_prompts`, then the lines of
+    `train.validation_prompts_file` (blank lines and lines starting with # skipped). Raises
+    ConfigError naming the file when it cannot be read."""
+    prompts = list(train.validation_prompts)
+    if not train.validation_prompts_file:
+        return prompts
+    path = Path(train.validation_prompts_file)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(
+            f"--validation_prompts_file {path}: cannot read it ({type(exc).__name__}: {exc}); give a UTF-8 "
+            f"text file with one prompt a line"
+        ) from None
+    lines = [line.strip() for line in text.splitlines()]
+    return prompts + [line for line in lines if line and not line.startswith("#")]
+
+
+def validation_problems(train: TrainConfig) -> list[str]:
+    """The validation-image settings' problems, each naming the flag or key and the fix."""
+    try:
+        prompts = validation_prompts(train)
+    except ConfigError as exc:
+        return [str(exc)]
+    checks = [
+        ("validation_steps", train.validation_steps >= 0, "must be 0 (only after the last step) or a count of steps"),
+        ("num_validation_images", train.num_validation_images >= 1, "must be at least 1"),
+        ("validation_num_inference_steps", train.validation_num_inference_steps >= 1, "must be at least 1"),
+        ("validation_guidance_scale", train.validation_guidance_scale >= 0, "must be 0 (the family's) or positive"),
+        ("validation_seed", train.validation_seed >= 0, "must be 0 or positive"),
+        ("validation_width", train.validation_width >= 0, "must be 0 (the training size) or pixels"),
+        ("validation_height", train.validation_height >= 0, "must be 0 (the training size) or pixels"),
+    ]
+    problems = [f"train.{key}={getattr(train, key)!r} {fix}" for key, ok, fix in checks if not ok]
+    problems += _choice(
+        "train.validation_decoder_device", train.validation_decoder_device, DECODER_DEVICES, "--set ..."
+    )
+    if (train.validation_width == 0) != (train.validation_height == 0):
+        problems.append(
+            f"train.validation_width={train.validation_width} and train.validation_height="
+            f"{train.validation_height}: give both, or neither (0 and 0: the training size)"
+        )
+    if train.validation_prompts_file and not prompts:
+        problems.append(f"--validation_prompts_file {train.validation_prompts_file} holds no prompt; add one a line")
+    elif train.validation_steps and not prompts:
+        problems.append(
+            f"--validation_steps {train.validation_steps} without a prompt to sample: add --validation_prompt "
+            f"TEXT (or --validation_prompts_file FILE), or drop --validation_steps"
+        )
+    return problems
 
 
 #: defaults of the built-in run (no dataset given): enough steps to watch the loss fall, ~30 s on 2 cores

@@ -375,6 +375,7 @@ def test_seed_flags_set_the_right_keys():
             "resume": "no",
             "find_unused_parameters": True,
             "cudnn_attention": False,
+            "compile": "none",
             "log_every_s": 30.0,
             "blocks_to_swap": "auto",
             "base_precision": "dtype",
@@ -396,6 +397,17 @@ def test_seed_flags_set_the_right_keys():
             "weighting_scheme": "none",
             "guidance_scale": 3.5,
             "report_to": "none",
+            "validation_prompts": [],
+            "validation_prompts_file": "",
+            "validation_steps": 0,
+            "num_validation_images": 1,
+            "validation_num_inference_steps": 20,
+            "validation_guidance_scale": 0.0,
+            "validation_negative_prompt": "",
+            "validation_seed": 0,
+            "validation_width": 0,
+            "validation_height": 0,
+            "validation_decoder_device": "auto",
         },
         "lora": {
             "base_model": "transformer",
@@ -432,6 +444,6 @@ def test_all_keys_lists_top_level_and_nested_keys():
     assert keys[0] == "output_path"
     assert {"model.path", "data.base_path", "train.learning_rate", "lora.rank", "cache.zstd_level"} <= set(keys)
     assert not {"model", "data", "train", "lora", "cache"} & set(keys)
-    # train: 18, and 18 of the optimizer, the schedule, the objective and the trackers
-    assert len(keys) == len(set(keys)) == 1 + 4 + 16 + (18 + 18) + 8 + 7 + 6
+    # train: 19, 18 of the optimizer, the schedule, the objective and the trackers, 11 of validation images
+    assert len(keys) == len(set(keys)) == 1 + 4 + 16 + (19 + 18 + 11) + 8 + 7 + 6
     assert all(re.fullmatch(r"[a-z_]+(\.[a-z_0-9]+)?", k) for k in keys)

@@ -47,6 +47,10 @@ RUN_FLAGS = {
     "--weighting_scheme",
     "--guidance_scale",
     "--report_to",
+    "--validation_prompt",
+    "--validation_prompts_file",
+    "--validation_steps",
+    "--num_validation_images",
 }
 
 

@@ -18,7 +18,7 @@ import os
 import time
 from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +49,7 @@ from autosplit.training.rng import step_generator
 from autosplit.training.stage1 import Progress, compute_sample, stage_context
 from autosplit.training.swap import BlockSwapper
 from autosplit.training.tracking import RunLog, tracker_kwargs
+from autosplit.training.validation import ValidationJob, Validator
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,8 @@ class TrainInputs:
     inline: Callable[[list[Sample]], dict[str, Any]] | None = None
     #: the cache reader's asynchronous batch read, if it has one
     submit: Callable[[list[int]], Any] | None = None
+    #: unsplit: the stage-1 components it holds (validation images encode and decode with them)
+    components: Mapping[str, Any] = field(default_factory=dict)
 
 
 def cache_inputs(plan: Plan, cache_path: Path, *, reader_kind: str) -> TrainInputs:
@@ -117,7 +120,14 @@ def inline_inputs(
     def run_stage1_inline(items: list[Sample]) -> dict[str, Any]:
         return collate([compute_sample(units, s, ctx, names, to_cpu=False) for s in items], ragged)
 
-    return TrainInputs(samples.__getitem__, [s.bucket for s in samples], list, shard_size, inline=run_stage1_inline)
+    return TrainInputs(
+        samples.__getitem__,
+        [s.bucket for s in samples],
+        list,
+        shard_size,
+        inline=run_stage1_inline,
+        components=ctx.components,
+    )
 
 
 class _VariantPicker:
@@ -201,6 +211,7 @@ def train(
     data: DataConfig,
     variants: int,
     unit_settings: Mapping[str, Any],
+    validation: ValidationJob | None = None,
 ) -> TrainResult:
     """Run stage 2 (or the unsplit loop) and write `output/lora.safetensors` (or the full weights).
 
@@ -208,6 +219,8 @@ def train(
     augmentation variants per sample (`cache.variants`); `unit_settings` reach the units through
     their context. With `train.checkpoint_every`, checkpoints go to `output/checkpoints/step-N/`;
     with `train.resume`, the run continues from the newest one exactly as if it had never stopped.
+    With `validation`, the main process samples its prompts every `validation_steps` optimizer steps
+    and after the last (autosplit.training.validation), without changing what is trained.
     Raises CheckpointError for `train.resume = "yes"` without a checkpoint, and ConfigError when
     an optimizer step needs more micro-batches than an epoch has, both before anything is written.
     """
@@ -322,6 +335,17 @@ def train(
             )
 
     run_log = RunLog(accelerator, output, log, report_to=cfg.report_to, hparams=_hparams(cfg, lora))
+    validator = None
+    if validation is not None and accelerator.is_main_process:
+        validator = _validator(
+            validation, accelerator, components, inputs, trained, models=models, output=output, settings=unit_settings
+        )
+
+    def validate() -> None:
+        assert validator is not None  # called only with validation images
+        with _out_of_memory_as_error(plan, device, stage=f"sampling the validation images at step {len(log)}"):
+            validator.run(len(log), run_log)
+
     trainable = [p for p in model.parameters() if p.requires_grad]
     trace = _open_trace(accelerator.process_index)
     stop = cfg.max_steps or None  # otherwise every batch of every epoch
@@ -377,13 +401,15 @@ def train(
                     run_log.log_step(log[-1], _step_scalars(log[-1], samples_in_step / step_seconds[-1], device))
                     samples_in_step = 0
                     progress.update(1, loss=f"{mean_loss:.4f}")
-                    # an optimizer step is done: a validation hook every N steps (issue 13, item 3) goes
-                    # here, before the checkpoint, logging its images with run_log.log_images
+                    if validator is not None and validator.due(len(log)):
+                        validate()  # before the step's checkpoint
                     last = len(log) == stop or (epoch == cfg.num_epochs - 1 and loader.position == num_batches)
                     if cfg.checkpoint_every and len(log) % cfg.checkpoint_every == 0 and not last:
                         checkpoint()  # the last one is written after the loop
                     if len(log) == stop:
                         break
+        if validator is not None and validator.last_step != len(log):
+            validate()  # after the last step
     run_log.close()
     if trace is not None:
         trace.close()
@@ -403,6 +429,39 @@ def train(
     )
     return TrainResult(
         len(log), [entry["loss"] for entry in log], output, time.perf_counter() - start, accelerator.is_main_process
+    )
+
+
+def _validator(
+    job: ValidationJob,
+    accelerator: Any,
+    components: Mapping[str, Any],
+    inputs: TrainInputs,
+    trained: tuple[str, ...],
+    *,
+    models: ComponentSource,
+    output: Path,
+    settings: Mapping[str, Any],
+) -> Validator:
+    """The validation rounds of this run: the trained components unwrapped, beside every other
+    component the run holds; a VAE it does not hold is loaded on the host (in float32 when it
+    decodes on the CPU)."""
+    available = {**inputs.components, **components, **{n: accelerator.unwrap_model(components[n]) for n in trained}}
+    dtype = models.dtype if job.settings.decoder_device.type == "cuda" else torch.float32
+
+    def load_vae() -> Any:
+        return replace(models, dtype=dtype).load(["vae"], device=torch.device("cpu"))["vae"]
+
+    return Validator(
+        job,
+        adapter=models.adapter,
+        components=available,
+        trained=trained,
+        load_vae=load_vae,
+        device=accelerator.device,
+        dtype=models.dtype,
+        output=output,
+        unit_settings=settings,
     )
 
 

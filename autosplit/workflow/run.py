@@ -22,13 +22,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from autosplit.adapters.components import fingerprint_component
-from autosplit.config import RunConfig
+from autosplit.config import RunConfig, validation_prompts
 from autosplit.data import source_digest
 from autosplit.errors import CacheError, ConfigError, ModelError
 from autosplit.plan import Plan
 from autosplit.planning.plan_check import cut_difference, cut_rule_problem
-from autosplit.planning.planner import place_memory
 from autosplit.planning.report import placement_lines, plan_summary, with_budget
 from autosplit.storage.cache import CacheReader
 from autosplit.storage.remote import fetch, is_remote, local_path, upload
@@ -42,6 +43,23 @@ from autosplit.training.trainer import (
     checkpoint_to_resume,
     inline_inputs,
     train,
+)
+from autosplit.training.validation import (
+    FILE as VALIDATION_FILE,
+)
+from autosplit.training.validation import (
+    ValidationJob,
+    ValidationSettings,
+    encode_prompts,
+    encoding_metadata,
+    prompt_rows,
+    prompt_unit,
+    read_encodings,
+    read_metadata,
+    recorded_size,
+    sampling_of,
+    stale_entry,
+    write_encodings,
 )
 from autosplit.workflow.profiling import plan_run
 from autosplit.workflow.session import Session, open_session
@@ -77,12 +95,15 @@ def run(config: RunConfig, *, on_stage1: Callable[[RunResult], None] | None = No
         session.models.check_present(list(session.trainable))
         check_trainable_early(config.lora, session.adapter, session.model_root, session.trainable)
         checkpoint_to_resume(config.train.resume, Path(config.output_path))  # no --resume without one, before work
+    check_validation(session)
     if session.mode == "train":
         cache, plan = training_cache(session)
-        plan = place_memory(plan, session.memory_request())  # this run's budget, the cache's measurements
+        size = validation_size(session, cache=cache) if validation_prompts(config.train) else None
+        plan = session.place_cached(plan, validation_size=size)  # this run's budget, the cache's measurements
         say_budget(plan, config.plan.vram_budget_gib)
+        job = validation_job(session, plan, cache=cache)
         inputs = cache_inputs(plan, cache, reader_kind=config.cache.reader)
-        return RunResult(plan, training=stage2(session, plan, inputs))
+        return RunResult(plan, training=stage2(session, plan, inputs, validation=job))
     plan = plan_run(session)
     say_budget(plan, config.plan.vram_budget_gib)
     if session.mode == "data_process" and not plan.split:
@@ -90,6 +111,7 @@ def run(config: RunConfig, *, on_stage1: Callable[[RunResult], None] | None = No
     samples = session.samples()
     if not plan.split:
         _process_state(session)  # each process's device is set before the stage-1 models are placed on it
+        job = validation_job(session, plan, samples=samples)
         inputs = inline_inputs(
             plan,
             session.graph,
@@ -98,10 +120,11 @@ def run(config: RunConfig, *, on_stage1: Callable[[RunResult], None] | None = No
             unit_settings=session.settings,
             shard_size=config.cache.shard_size,
         )
-        return RunResult(plan, training=stage2(session, plan, inputs))
+        return RunResult(plan, training=stage2(session, plan, inputs, validation=job))
     location = config.output_path if session.mode == "data_process" else cache_location(config)
     cache = local_path(location)
     manifest, skipped = stage1(session, plan, samples, cache, replace_stale=session.mode == "")
+    job = validation_job(session, plan, samples=samples, cache=cache, write=True)
     if is_remote(location) and _is_main_process():
         upload(cache, location)
     result = RunResult(
@@ -123,7 +146,7 @@ def run(config: RunConfig, *, on_stage1: Callable[[RunResult], None] | None = No
         )
     session.settings["cache_path"] = str(cache)
     inputs = cache_inputs(plan, cache, reader_kind=config.cache.reader)
-    return dataclasses.replace(result, training=stage2(session, plan, inputs))
+    return dataclasses.replace(result, training=stage2(session, plan, inputs, validation=job))
 
 
 def stage1(
@@ -135,8 +158,11 @@ def stage1(
     return result.manifest, result.skipped
 
 
-def stage2(session: Session, plan: Plan, inputs: TrainInputs) -> TrainResult:
-    """Stage 2 (or the unsplit loop) of `session` on `inputs`, into `output_path`."""
+def stage2(
+    session: Session, plan: Plan, inputs: TrainInputs, *, validation: ValidationJob | None = None
+) -> TrainResult:
+    """Stage 2 (or the unsplit loop) of `session` on `inputs`, into `output_path`, sampling
+    `validation`'s prompts as it goes."""
     config = session.config
     return train(
         plan,
@@ -150,6 +176,7 @@ def stage2(session: Session, plan: Plan, inputs: TrainInputs) -> TrainResult:
         data=config.data,
         variants=config.cache.variants,
         unit_settings=session.settings,
+        validation=validation,
     )
 
 
@@ -302,3 +329,128 @@ def check_sources(cache: Path, reader: CacheReader, session: Session) -> None:
                 raise CacheError(
                     f"{cache} is stale: the {what} of sample {i} ({sample.image_path}) changed since stage 1; {fix}"
                 )
+
+
+# --- validation images (docs/training.md): the prompts' encodings beside the cache ------------------
+
+
+def check_validation(session: Session) -> None:
+    """Before any work: ConfigError, naming the flag, for validation images this run cannot make."""
+    train = session.config.train
+    if not validation_prompts(train):
+        return
+    sampling_of(session.adapter)
+    prompt_unit(session.adapter)
+    if train.validation_decoder_device == "cuda" and session.device.type != "cuda":
+        raise ConfigError(
+            f"--set train.validation_decoder_device=cuda: this run is on {session.device.type}; use "
+            f"train.validation_decoder_device=cpu (or auto)"
+        )
+    multiple = session.adapter.image_multiple
+    if train.validation_width % multiple or train.validation_height % multiple:
+        raise ConfigError(
+            f"train.validation_width={train.validation_width}, train.validation_height={train.validation_height}: "
+            f"{session.adapter.name} samples sizes that are multiples of {multiple} pixels; e.g. "
+            f"{train.validation_width // multiple * multiple or multiple}x"
+            f"{train.validation_height // multiple * multiple or multiple}"
+        )
+
+
+def validation_size(
+    session: Session, *, samples: list[Any] | None = None, cache: Path | None = None
+) -> tuple[int, int]:
+    """The validation images' (width, height): train.validation_width/height, else the size the
+    cached encodings were made for, else the training size of the dataset's first sample (with
+    `--task sft:train`, of the dataset the cache was made from). Raises ConfigError when that
+    dataset is gone."""
+    train = session.config.train
+    if train.validation_width:
+        return train.validation_width, train.validation_height
+    recorded = recorded_size(cache / VALIDATION_FILE) if cache is not None else None
+    if recorded is not None:
+        return recorded
+    if samples is None and session.mode == "train" and cache is not None:
+        info = CacheReader(cache).manifest.get("dataset", {})
+        base = Path(info.get("base_path") or "")
+        if not info.get("base_path") or not base.is_dir():
+            raise ConfigError(
+                f"--validation_prompt: the dataset {base} that {cache} was made from is not here to take the "
+                f"training size from; pass --set train.validation_width=W --set train.validation_height=H"
+            )
+        samples = session.samples(base, Path(info["metadata_path"]) if info.get("metadata_path") else None)
+    samples = samples if samples is not None else session.samples()
+    width, height = samples[0].size
+    return width, height
+
+
+def validation_settings(session: Session, plan: Plan, size: tuple[int, int]) -> ValidationSettings:
+    """This run's validation images, resolved: the family's guidance unless given, and the decoder
+    on the device the plan chose (`validation_decoder_device`), else on the GPU only without a
+    budget to check it against."""
+    train = session.config.train
+    decided = plan.predicted.get("validation_decoder_device")
+    if decided is None:
+        asked = train.validation_decoder_device
+        on_gpu = session.device.type == "cuda" and (
+            asked == "cuda" or (asked == "auto" and not session.config.plan.vram_budget_gib)
+        )
+        decided = "cuda" if on_gpu else "cpu"
+    return ValidationSettings(
+        prompts=tuple(validation_prompts(train)),
+        negative_prompt=train.validation_negative_prompt,
+        every_steps=train.validation_steps,
+        num_images=train.num_validation_images,
+        num_steps=train.validation_num_inference_steps,
+        guidance_scale=train.validation_guidance_scale or sampling_of(session.adapter).default_guidance,
+        seed=train.validation_seed,
+        width=size[0],
+        height=size[1],
+        decoder_device=session.device if decided == "cuda" else torch.device("cpu"),
+    )
+
+
+def validation_job(
+    session: Session,
+    plan: Plan,
+    *,
+    samples: list[Any] | None = None,
+    cache: Path | None = None,
+    write: bool = False,
+) -> ValidationJob | None:
+    """What stage 2 samples (None without validation prompts). A split run whose prompt unit runs in
+    stage 1 reads the prompts' encodings from `cache/validation.safetensors`; with `write` (after
+    stage 1) the main process first encodes them there if they are missing or stale, with the
+    stage-1 text encoder; otherwise (`--task sft:train`) stale ones are a CacheError. Unsplit runs,
+    and runs training a text encoder, encode them in stage 2 (no encodings here)."""
+    if not validation_prompts(session.config.train):
+        return None
+    settings = validation_settings(session, plan, validation_size(session, samples=samples, cache=cache))
+    unit = prompt_unit(session.adapter)
+    if cache is None or not plan.split or all(c in plan.components(2) for c in unit.components):
+        return ValidationJob(settings)
+    path = cache / VALIDATION_FILE
+    expected = encoding_metadata(
+        session.adapter, settings, dtype=session.dtype, fingerprints=_encoder_fingerprints(session, unit, cache)
+    )
+    if write and _is_main_process() and stale_entry(read_metadata(path), expected) is not None:
+        rows = prompt_rows(session.adapter, settings.prompts, settings.negative_prompt)
+        encoders = session.models.load(list(unit.components))
+        encodings = encode_prompts(session.adapter, rows, encoders, device=session.device, dtype=session.dtype)
+        del encoders
+        write_encodings(path, encodings, expected)
+        log.info("validation: %d prompt(s) encoded into %s", len(settings.prompts), path)
+    if session.mode == "data_process" or not _is_main_process():
+        return ValidationJob(settings)  # only the main process samples
+    return ValidationJob(settings, read_encodings(path, expected))
+
+
+def _encoder_fingerprints(session: Session, unit: Any, cache: Path) -> dict[str, str]:
+    """The prompt unit's components' fingerprints: of the model folder's, or where the folder lacks
+    one (stage 2 needs no text encoder), the cache's record of the one stage 1 used."""
+    recorded = CacheReader(cache).manifest.get("key", {}).get("components", {})
+    return {
+        name: fingerprint_component(session.model_root, name)
+        if (session.model_root / name).is_dir()
+        else str(recorded.get(name, ""))
+        for name in unit.components
+    }

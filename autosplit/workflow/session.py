@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from autosplit.adapters.builtin import (
     builtin_model_root,
 )
 from autosplit.adapters.components import fingerprint_component
-from autosplit.config import RunConfig
+from autosplit.config import RunConfig, autosplit_home, validation_prompts
 from autosplit.data import Sample, aspect_buckets, read_dataset
 from autosplit.errors import ConfigError
 from autosplit.graph import UnitGraph
@@ -30,7 +31,11 @@ from autosplit.planning.planner import (
     DEFAULT_H2D_BYTES_PER_S,
     DEFAULT_TRAIN_FLOPS_PER_S,
     MemoryRequest,
+    add_validation,
     make_plan,
+    place_memory,
+    replace_predicted,
+    reserved_bytes,
 )
 from autosplit.planning.profile import Profile
 from autosplit.tasks import TASK_COLUMNS, build_graph, graph_layouts
@@ -64,7 +69,106 @@ class Session:
 
     def plan(self, profile: Profile | None) -> Plan:
         """The plan of this run from `profile` (None: from the units' declarations). To profile as
-        `plan.profile` says first, use `autosplit.workflow.profiling.plan_run`."""
+        `plan.profile` says first, use `autosplit.workflow.profiling.plan_run`. With validation
+        images, the prediction counts a round's decode (`validation_note`) where the VAE decoder
+        runs: `train.validation_decoder_device`, whose "auto" is the GPU when the placement chosen
+        for training still fits the budget with it, else the CPU."""
+        if profile is None or not validation_prompts(self.config.train):
+            return self._plan(profile)
+        note = self.validation_note(profile)
+        return self._with_decoder(lambda device: self._plan(_noted(profile, note, device)))
+
+    def place_cached(self, plan: Plan, *, validation_size: tuple[int, int] | None) -> Plan:
+        """A cache's `plan` placed for this run (`--task sft:train`): this run's budget, the cache's
+        measurements, and with validation images of `validation_size` (width, height), a round's
+        decode counted as `plan` does it (`add_validation`)."""
+        request = self.memory_request()
+        if validation_size is None or "stage2_peak_bytes" not in plan.predicted:
+            return place_memory(plan, request)
+        note = self.validation_note(None, size=validation_size)
+
+        def placed(device: str) -> Plan:
+            predicted = add_validation(
+                plan.predicted,
+                decoder_bytes=note["decoder_bytes"],
+                decode_peak_bytes=note["decode_peak_bytes"],
+                device=device,
+                vae_in_stage2="vae" in plan.components(2),
+            )
+            return place_memory(replace_predicted(plan, predicted), request)
+
+        return self._with_decoder(placed)
+
+    def _with_decoder(self, plan_for: Any) -> Plan:
+        """`plan_for(device)` for the device validation's VAE decoder runs on: the CPU on a CPU run
+        or when asked; "auto": the GPU when `decoder_fits`."""
+        asked = self.config.train.validation_decoder_device
+        if self.device.type != "cuda" or asked == "cpu":
+            return plan_for("cpu")
+        gpu = plan_for("cuda")
+        if asked == "cuda":
+            return gpu
+        cpu = plan_for("cpu")
+        return gpu if decoder_fits(gpu, cpu, budget_bytes=self.memory_request().vram_budget_bytes) else cpu
+
+    def validation_note(self, profile: Profile | None, *, size: tuple[int, int] | None = None) -> dict[str, Any]:
+        """What a validation round decodes, for the prediction: the latent shape at the validation
+        size (`train.validation_width/height`, else `size`, else the profiled training latents'),
+        the decoder's bytes and the decode's peak bytes, measured on a fake VAE of the profiled
+        model (of the model folder, in this run's dtype, without a profile); memoized under
+        $AUTOSPLIT_HOME/profiles."""
+        from autosplit.planning.tracer import new_fake_mode
+        from autosplit.training.validation import measure_decode_peak, sampling_of
+
+        sampling, train = sampling_of(self.adapter), self.config.train
+        fake_mode = new_fake_mode()
+        root, vae = self._fake_vae(profile, fake_mode)
+        if train.validation_width:
+            size = (train.validation_width, train.validation_height)
+        if size is not None:
+            shape = sampling.latent_shape(vae.config, *size)
+        else:
+            assert profile is not None  # without a profile the caller gives the size
+            trained = profile.value("image_latents").shape[1:]
+            shape = (trained[0], 1, *trained[-2:]) if len(trained) == 4 else tuple(trained)
+        key = _decode_key(self.adapter.name, root, vae, shape)
+        path = autosplit_home() / "profiles" / f"decode-{key}.json"
+        if path.is_file():
+            return dict(json.loads(path.read_text()))
+        with fake_mode:
+            peak = measure_decode_peak(self.adapter, vae, tuple(shape))
+        tensors = [*vae.parameters(), *vae.buffers()]
+        note = {
+            "decode_peak_bytes": peak,
+            "decoder_bytes": sum(t.numel() * t.element_size() for t in tensors),
+            "latent_shape": list(shape),
+        }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(note))
+        return note
+
+    def _fake_vae(self, profile: Profile | None, fake_mode: Any) -> tuple[Path | None, Any]:
+        """The VAE the profile measured, built fake: from the model folder, or (a full-size fake
+        profile of no folder) the family's full-size configuration, in the profile's dtype; without
+        a profile, the model folder's in this run's dtype."""
+        from autosplit.adapters.base import component_from_config
+        from autosplit.planning.tracer import fake_build
+
+        measured = profile.component("vae") if profile is not None else None
+        if profile is not None and measured is None:
+            raise ConfigError(f"--validation_prompt: the {self.adapter.name} graph has no vae to decode with")
+        dtype = self.dtype
+        if measured is not None:
+            dtype = _DTYPES_BY_SIZE.get(measured.frozen_bytes // max(measured.num_params, 1), self.dtype)
+        vae = None
+        for root in (self.model_root, None) if measured else (self.model_root,):
+            with fake_build(fake_mode, dtype):
+                vae = component_from_config(self.adapter, root, "vae").requires_grad_(False).eval()
+            if measured is None or sum(t.numel() for t in [*vae.parameters(), *vae.buffers()]) == measured.num_params:
+                return root, vae
+        return self.model_root, vae
+
+    def _plan(self, profile: Profile | None) -> Plan:
         return make_plan(
             self.graph,
             pipeline=self.adapter.name,
@@ -167,6 +271,37 @@ class Session:
                 "transformers": transformers.__version__,
             },
         }
+
+
+_DTYPES_BY_SIZE = {4: torch.float32, 2: torch.bfloat16}
+
+
+def _noted(profile: Profile, note: dict[str, Any], device: str) -> Profile:
+    """`profile` with a validation round's decode in its notes, decoding on `device`, for `predict`."""
+    return dataclasses.replace(profile, notes={**profile.notes, "validation": {**note, "device": device}})
+
+
+def decoder_fits(gpu: Plan, cpu: Plan, *, budget_bytes: int) -> bool:
+    """Whether validation may decode on the GPU: with no budget, yes; else when the plan decoding on
+    the GPU keeps the weight placement the CPU-decoding one chose for training and still fits."""
+    if not budget_bytes:
+        return True
+    placed, alone = gpu.predicted.get("placement") or {}, cpu.predicted.get("placement") or {}
+    if placed.get("predicted"):
+        same = all(placed.get(k) == alone.get(k) for k in ("blocks_to_swap", "base_precision", "slots"))
+        return same and bool(placed.get("fits"))
+    judged = "stage2_peak_bytes" if gpu.split else "unsplit_peak_bytes"
+    return reserved_bytes(gpu.predicted[judged]) <= budget_bytes
+
+
+def _decode_key(family: str, root: Path | None, vae: Any, shape: tuple[int, ...]) -> str:
+    """What a decode's measured peak depends on: the VAE's config and dtype, the latent shape."""
+    import autosplit
+
+    dtype = str(next(vae.parameters()).dtype)
+    config = json.dumps(dict(vae.config), sort_keys=True, default=str)
+    parts = [autosplit.__version__, torch.__version__, family, str(root is None), config, dtype, list(shape)]
+    return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:32]
 
 
 def training_buckets(config: RunConfig, adapter: Adapter) -> list[tuple[int, int]] | None:
