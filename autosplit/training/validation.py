@@ -305,7 +305,7 @@ class Validator:
             encodings = self._encodings()
             cond_rows, uncond = self._conditions(encodings)
             latents = [self._sample(cond, uncond, seed=s.seed + k) for cond in cond_rows for k in range(s.num_images)]
-            arrays = self._decode(torch.cat(latents))
+            arrays = self._decode(latents)
         folder = self.output / "samples" / f"step-{step}"
         folder.mkdir(parents=True, exist_ok=True)
         for i, array in enumerate(arrays):
@@ -401,15 +401,15 @@ class Validator:
             latents = scheduler.step(pred, t, latents, return_dict=False, **draws)[0]
         return latents
 
-    def _decode(self, latents: torch.Tensor) -> list[np.ndarray]:
-        """Decode on the decoder's device (the VAE comes there for the decode and goes back after)."""
+    def _decode(self, latents: list[torch.Tensor]) -> list[np.ndarray]:
+        """Decode each image alone, as the plan measured it, on the decoder's device (the VAE comes
+        there for the round's decodes and goes back after)."""
         target = self.settings.decoder_device
         moved = self.vae_home.type != target.type
         vae = self.vae.to(target) if moved else self.vae
         try:
             ctx = UnitContext({"vae": vae}, target, vae.dtype)
-            images = self.sampling.decode({"latents": latents.to(target)}, ctx)["image"]
-            return to_uint8(images)
+            return [to_uint8(self.sampling.decode({"latents": one.to(target)}, ctx)["image"])[0] for one in latents]
         finally:
             if moved:
                 self.vae.to(self.vae_home)
