@@ -185,6 +185,18 @@ def say_budget(plan: Plan, budget_gib: float) -> None:
     about to be done fits: stage 2's predicted peak, or the unsplit one for --no-split."""
     for line in placement_lines(plan):
         log.info("%s", line)
+    predicted = plan.predicted
+    if "validation_peak_bytes" in predicted:
+        gib = 1 << 30
+        log.info(
+            "validation images: the VAE decoder runs on %s; a round's predicted peak %.2f GiB (decoder %.2f GiB, "
+            "decode %.2f GiB), training's %.2f GiB",
+            predicted["validation_decoder_device"],
+            predicted["validation_peak_bytes"] / gib,
+            predicted["validation_decoder_bytes"] / gib,
+            predicted["validation_decode_peak_bytes"] / gib,
+            predicted["stage2_train_peak_bytes"] / gib,
+        )
     if not budget_gib or "stage2_peak_bytes" not in plan.predicted:
         return
     plan = dataclasses.replace(plan, predicted=with_budget(plan.predicted, budget_gib))
