@@ -14,6 +14,7 @@ from autosplit.storage.cache import (
     CACHE_FORMAT_VERSION,
     CacheReader,
     CacheWriter,
+    DirectReader,
     TensorStoreReader,
     cache_status,
     make_buckets,
@@ -187,7 +188,7 @@ def test_manifest_records_every_array_and_every_file_exists_even_of_zeros(tmp_pa
     assert CacheReader(tmp_path / "c").read(0)["scale"].item() == 0.0
 
 
-@pytest.mark.parametrize("reader", [CacheReader, TensorStoreReader])
+@pytest.mark.parametrize("reader", [CacheReader, TensorStoreReader, DirectReader])
 def test_a_missing_shard_is_refused_and_stage1_writes_only_it_again(tmp_path, monkeypatch, reader):
     write(tmp_path / "c")
     (tmp_path / "c/buckets/0/text/c/1/0/0").unlink()  # zarr would read it as zeros

@@ -28,7 +28,10 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import time
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -62,10 +65,23 @@ from autosplit.storage.integrity import (
     _shard_key,
     read_manifest,
 )
+from autosplit.storage.loader import RowsOfBatch
+from autosplit.storage.shards import (
+    BufferPool,
+    ShardError,
+    ShardFiles,
+    ShardLayout,
+    encode_shard,
+    layout_of,
+    write_file,
+)
 
 log = logging.getLogger(__name__)
 
+#: tokens per inner chunk of a ragged value: compressed, padding zeros cost little, chunks are
+#: larger; uncompressed, the padding of a row's last chunk is stored, so chunks are smaller
 TOKEN_CHUNK = 64
+RAW_TOKEN_CHUNK = 16
 
 
 @dataclass(frozen=True)
@@ -89,9 +105,10 @@ def make_buckets(keys: list[tuple[int, ...]]) -> list[Bucket]:
 
 
 def _codecs(level: int) -> list[Any]:
+    """crc32c, after zstd at `level` unless it is 0 (stored uncompressed: docs/cache-format.md)."""
     from zarr.codecs import Crc32cCodec, ZstdCodec
 
-    return [ZstdCodec(level=level), Crc32cCodec()]
+    return [Crc32cCodec()] if level == 0 else [ZstdCodec(level=level), Crc32cCodec()]
 
 
 def _keep_empty(arr: Any) -> Any:
@@ -172,6 +189,7 @@ class CacheWriter:
             _remove_partial_writes(self.path)
             self._forget_damaged_shards()
         self._progress: Any = self.group["index/shard_done"]
+        self._layouts: dict[str, ShardLayout] = {}
         self._done = set(np.flatnonzero(self._read_progress()).tolist())
 
     def _create_index(self, buckets: list[Bucket], source_sha256: list[bytes], extra: dict[str, np.ndarray]) -> None:
@@ -286,7 +304,8 @@ class CacheWriter:
             assert value.max_len is not None, name  # the planner caps every ragged value
             rest = tuple(storage.shape[1:])
             # at most 64 inner chunks per row: the shard index holds 16 B for every chunk, written or not
-            token_chunk = min(max(TOKEN_CHUNK, -(-value.max_len // 64)), value.max_len)
+            least = TOKEN_CHUNK if self.zstd_level else RAW_TOKEN_CHUNK
+            token_chunk = min(max(least, -(-value.max_len // 64)), value.max_len)
             cap = -(-value.max_len // token_chunk) * token_chunk  # shards must hold whole inner chunks
             shape, chunks, shards = (n, cap, *rest), (1, token_chunk, *rest), (s, cap, *rest)
             self._open_or_create(f"{path}.length", shape=(n,), dtype="int64", chunks=(s,), compressors=codecs)
@@ -304,38 +323,58 @@ class CacheWriter:
             attributes={"dtype": torch_dtype_name(sample.dtype)},
         )
 
-    def write_shard(self, bucket: Bucket, shard: int, outputs: list[dict[str, torch.Tensor]]) -> None:
+    def write_shard(
+        self,
+        bucket: Bucket,
+        shard: int,
+        outputs: list[dict[str, torch.Tensor]],
+        *,
+        times: dict[str, float] | None = None,
+    ) -> None:
         """Write one shard's samples (per-sample tensors, no batch axis), then record it as done.
 
-        Each shard file is replaced whole (zarr's local store writes a temporary file and renames
-        it), so a kill leaves either the old file or the new one; the shard counts as done only
-        once its progress chunk exists, which is written last. Every array gets its shard file,
-        even a shard of only zeros, so a missing file always means damage.
+        Each array's shard file is written whole under a temporary name and renamed into place
+        (storage/shards.py), so a kill leaves either the old file or the new one; the shard counts
+        as done only once its progress chunk exists, which is written last. Every array gets its
+        shard file, even a shard of only zeros, so a missing file always means damage. `times`, if
+        given, gains the seconds spent encoding ("encode_s": checksums, compression) and writing
+        ("write_s").
         """
         lo = shard * self.shard_size
         hi = lo + len(outputs)
+        spent = {"encode_s": 0.0, "write_s": 0.0}
         for value in self.plan.cached:
+            tick = time.perf_counter()
+            name = f"buckets/{bucket.id}/{value.name}"
             tensors = [o[value.name] for o in outputs]
             arr = self._array(bucket, value.name, tensors[0])
-            region: tuple[slice, ...]
-            if value.ragged_axis is None:
-                region, data = (slice(lo, hi),), np.stack([to_storage(t) for t in tensors])
-            else:
-                lengths = np.array([t.shape[0] for t in tensors], dtype=np.int64)
+            rows = [to_storage(t) for t in tensors]
+            if value.ragged_axis is not None:
+                lengths = np.array([r.shape[0] for r in rows], dtype=np.int64)
                 if lengths.max() > value.max_len:
                     raise CacheError(f"value {value.name!r} has {lengths.max()} tokens, above its cap {value.max_len}")
-                longest = max(int(lengths.max()), 1)  # one token even if all are empty: the shard file exists
-                data = np.zeros((len(tensors), longest, *arr.shape[2:]), dtype=arr.dtype)
-                for j, t in enumerate(tensors):
-                    data[j, : t.shape[0]] = to_storage(t)
-                region = (slice(lo, hi), slice(0, longest))
-                _keep_empty(self.group[f"buckets/{bucket.id}/{value.name}.length"])[lo:hi] = lengths
-            arr[region] = data
-            if not (self.path / f"buckets/{bucket.id}/{value.name}" / _shard_key(arr.ndim, shard)).is_file():
-                _keep_empty(arr)[region] = data  # every chunk held only zeros, which zarr does not store
+            try:
+                parts = encode_shard(self._layout(name), rows, ragged=value.ragged_axis is not None)
+            except ShardError as exc:
+                raise CacheError(f"value {value.name!r} of bucket {bucket.id}, shard {shard}: {exc}") from None
+            mid = time.perf_counter()
+            write_file(self.path / name / _shard_key(arr.ndim, shard), parts)
+            if value.ragged_axis is not None:
+                _keep_empty(self.group[f"{name}.length"])[lo:hi] = lengths
+            spent["encode_s"] += mid - tick
+            spent["write_s"] += time.perf_counter() - mid
         g = self.shard_id(bucket.id, shard)
         self._progress[g] = 1
         self._done.add(g)
+        for key, seconds in spent.items():
+            if times is not None:
+                times[key] = times.get(key, 0.0) + seconds
+
+    def _layout(self, name: str) -> ShardLayout:
+        """The shard layout of array `name`, from its zarr.json (as every reader sees it)."""
+        if name not in self._layouts:
+            self._layouts[name] = layout_of(json.loads((self.path / name / "zarr.json").read_bytes()))
+        return self._layouts[name]
 
     def finish(self) -> None:
         """Record what every array must be (`_array_record`) and mark the cache complete (main
@@ -380,7 +419,8 @@ class CacheWriter:
 
 
 def _remove_partial_writes(path: Path) -> None:
-    """Delete temporary files of writes a kill interrupted (zarr's local store names them *.partial)."""
+    """Delete temporary files of writes a kill interrupted (zarr's local store and
+    storage/shards.py name them *.partial)."""
     for leftover in path.rglob("*.partial"):
         leftover.unlink(missing_ok=True)
 
@@ -709,6 +749,177 @@ class _PendingBatch:
         return [self.reader._finish(i, p) for i, p in self.pending]
 
 
-def open_reader(path: Path, *, kind: str = "tensorstore") -> CacheReader:
-    """The reader of `cache.reader`: "tensorstore" (hot path) or "zarr" (zarr-python, the reference)."""
+class DirectReader(CacheReader):
+    """The hot read path: the shard files read directly (storage/shards.py: each mapped once, every
+    chunk copied into place and its crc32c checked while in cache; compressed ones decompressed),
+    each batch straight into the batch's tensors, so collating copies nothing. Same results as
+    CacheReader, bit for bit. `submit` reads in the calling thread (the loader's own: off the
+    trainer's thread), or, with `threads`, on that many more (no faster on 2 shared cores,
+    docs/benchmarks.md).
+    """
+
+    def __init__(self, path: Path, *, threads: int = 0):
+        from concurrent.futures import ThreadPoolExecutor
+
+        super().__init__(path)
+        self._files = ShardFiles()
+        #: (bucket, value) -> its layout, each shard file's path and recorded size, its lengths
+        self._where: dict[tuple[int, str], tuple[ShardLayout, list[str], list[int], np.ndarray | None]] = {}
+        for b, values in self._arrays.items():
+            for name in values:
+                array = f"buckets/{b}/{name}"
+                try:
+                    layout = layout_of(json.loads((self.path / array / "zarr.json").read_bytes()))
+                except ShardError as exc:
+                    raise CacheError(
+                        f"{self.path}: array {array}: {exc}; read it with --set cache.reader=zarr, "
+                        f"or {_rebuild(self.path)}"
+                    ) from None
+                record = self._records[array]
+                files = [str(self.path / array / k) for k in _file_keys(record["shape"], record["file_shape"])]
+                self._where[b, name] = (layout, files, record["file_bytes"], self._lengths[b].get(name))
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="autosplit-cache-read") if threads else None
+        self._buffers = BufferPool()
+
+    def _shape(self, index: int, name: str) -> tuple[int, ...]:
+        bucket, row = int(self.bucket_of[index]), int(self.row_of[index])
+        layout, _, _, lengths = self._where[bucket, name]
+        return layout.row_shape if lengths is None else (int(lengths[row]), *layout.row_shape[1:])
+
+    def _read_into(self, index: int, outs: dict[str, np.ndarray], padding: list[np.ndarray]) -> None:
+        """Sample `index`'s values into `outs` (a C-contiguous array each, of its bytes), and zeros
+        into `padding` (the rest of its ragged rows)."""
+        for pad in padding:
+            pad[...] = 0
+        bucket, row = int(self.bucket_of[index]), int(self.row_of[index])
+        for name, out in outs.items():
+            layout, files, sizes, _ = self._where[bucket, name]
+            file, at = divmod(row, layout.rows)
+            try:
+                self._files.read_row(files[file], layout, at, out, size=sizes[file])
+            except Exception as exc:  # ShardError, OSError: a damaged or changed file
+                raise self._read_error(index, name, exc) from exc
+
+    def read(self, index: int) -> dict[str, torch.Tensor]:
+        return self.submit([index]).result()[0]
+
+    def submit(self, indices: list[int]) -> _Batch | _Several:
+        """Start reading `indices` (one shape bucket) into one batch; `.result()` waits for them and
+        returns the samples, whose tensors are rows of the batch's tensors (`collate` takes those
+        whole). Ragged values are zero-padded to the batch's longest, as `collate` pads them. The
+        batch lives in one buffer of a pool (`BufferPool`), used again once the batch is dropped."""
+        bucket, n = int(self.bucket_of[indices[0]]), len(indices)
+        if any(int(self.bucket_of[i]) != bucket for i in indices):  # not one batch: read each on its own
+            return _Several([self.submit([i]) for i in indices])
+        parts = self._parts(bucket, indices)
+        whole = torch.from_numpy(self._buffers.take(parts[-1].end(n)))
+        tensors: dict[str, torch.Tensor] = {}
+        samples: list[dict[str, torch.Tensor]] = [{} for _ in indices]
+        targets: list[dict[str, np.ndarray]] = [{} for _ in indices]  # where each sample's bytes go
+        padding: list[list[np.ndarray]] = [[] for _ in indices]  # the rest of its ragged rows, zeroed
+        for part in parts:
+            region = whole[part.offset : part.offset + part.row_bytes * n]
+            stored = region.view(torch.from_numpy(np.empty(0, part.dtype)).dtype).reshape(n, *part.row_shape)
+            logical = self._dtypes[bucket][part.name]
+            tensors[part.name] = stored.view(torch.bfloat16) if logical == "bfloat16" else stored
+            for j in range(n):
+                row, used = region[j * part.row_bytes : (j + 1) * part.row_bytes], part.used_bytes(j)
+                samples[j][part.name] = (
+                    tensors[part.name][j] if part.lengths is None else tensors[part.name][j, : part.lengths[j]]
+                )
+                targets[j][part.name] = row[:used].numpy()
+                if used < part.row_bytes:
+                    padding[j].append(row[used:].numpy())
+        jobs = list(zip(indices, targets, padding))
+        if self._pool is not None:  # one task per batch: fewer hand-offs between threads
+            futures = [self._pool.submit(self._read_all, jobs)]
+        else:
+            futures = [_done(self._read_all, jobs)]
+        return _Batch(futures, tensors, samples)
+
+    def _read_all(self, jobs: list[tuple[int, dict[str, np.ndarray], list[np.ndarray]]]) -> None:
+        for job in jobs:
+            self._read_into(*job)
+
+    def _parts(self, bucket: int, indices: list[int]) -> list[_Part]:
+        """Where each value of a batch of `indices` lies in the batch's buffer."""
+        parts: list[_Part] = []
+        for v in self.plan.cached:
+            layout, _, _, lengths = self._where[bucket, v.name]
+            mine = None if lengths is None else [int(lengths[self.row_of[i]]) for i in indices]
+            row_shape = layout.row_shape if mine is None else (max(mine), *layout.row_shape[1:])
+            parts.append(_Part(v.name, layout.dtype, row_shape, mine, parts[-1].end(len(indices)) if parts else 0))
+        return parts
+
+
+@dataclass(frozen=True)
+class _Part:
+    """Where one value of a batch lies in the batch's buffer: `n` rows of `row_shape` (a ragged
+    value's padded to the batch's longest) from `offset`."""
+
+    name: str
+    dtype: np.dtype
+    row_shape: tuple[int, ...]
+    #: each row's length, for a ragged value
+    lengths: list[int] | None
+    offset: int
+
+    @cached_property
+    def row_bytes(self) -> int:
+        return math.prod(self.row_shape) * self.dtype.itemsize
+
+    def used_bytes(self, j: int) -> int:
+        """Bytes of row j that hold values (the rest is padding)."""
+        if self.lengths is None:
+            return self.row_bytes
+        return self.lengths[j] * (self.row_bytes // self.row_shape[0]) if self.row_shape[0] else 0
+
+    def end(self, n: int) -> int:
+        """Where the next part starts: every part is 64-byte aligned."""
+        return self.offset + -(-self.row_bytes * n // 64) * 64
+
+
+def _done(fn: Any, *args: Any) -> Any:
+    """A finished future of fn(*args), holding its result or its exception."""
+    from concurrent.futures import Future
+
+    future: Future = Future()
+    try:
+        future.set_result(fn(*args))
+    except Exception as exc:
+        future.set_exception(exc)
+    return future
+
+
+class _Batch:
+    def __init__(self, futures: list[Any], tensors: dict[str, torch.Tensor], samples: list[dict[str, torch.Tensor]]):
+        self.futures, self.tensors, self.samples = futures, tensors, samples
+
+    def result(self) -> list[dict[str, torch.Tensor]]:
+        for future in self.futures:
+            future.result()  # raises the read's CacheError
+        return RowsOfBatch(list(self.samples), self.tensors)
+
+    def cancel(self) -> None:
+        for future in self.futures:
+            future.cancel()
+
+
+class _Several:
+    def __init__(self, batches: list[Any]):
+        self.batches = batches
+
+    def result(self) -> list[dict[str, torch.Tensor]]:
+        return [sample for batch in self.batches for sample in batch.result()]
+
+    def cancel(self) -> None:
+        for batch in self.batches:
+            batch.cancel()
+
+
+def open_reader(path: Path, *, kind: str = "direct") -> CacheReader:
+    """The reader of `cache.reader`: "direct" (the hot path: shard files read directly),
+    "tensorstore" (tensorstore's async reads) or "zarr" (zarr-python, the reference)."""
+    if kind == "direct":
+        return DirectReader(path)
     return TensorStoreReader(path) if kind == "tensorstore" else CacheReader(path)

@@ -153,13 +153,28 @@ def _interleave(per_rank: list[list[list[int]]]) -> list[list[int]]:
     return [b for group in zip(*per_rank) for b in group]
 
 
+class RowsOfBatch(list):
+    """Samples a reader read straight into the rows of batch tensors: `whole[name]` is what
+    `collate` would make of the samples' `name` (stacked; ragged values zero-padded to the longest),
+    so it takes it as it is instead of copying every row again."""
+
+    def __init__(self, samples: Sequence[Mapping[str, Any]], whole: Mapping[str, torch.Tensor]):
+        super().__init__(samples)
+        self.whole = dict(whole)
+
+
 def collate(samples: list[Mapping[str, Any]], ragged: Mapping[str, int]) -> dict[str, Any]:
     """Stack per-sample values into a batch; ragged values are zero-padded to the longest.
 
-    Non-tensor values (paths, prompts, sizes) become lists.
+    Non-tensor values (paths, prompts, sizes) become lists. Samples read into one batch already
+    (`RowsOfBatch`) give their batch tensors unchanged.
     """
     batch: dict[str, Any] = {}
+    whole = samples.whole if isinstance(samples, RowsOfBatch) else {}
     for name in samples[0]:
+        if name in whole:
+            batch[name] = whole[name]
+            continue
         items = [s[name] for s in samples]
         if not isinstance(items[0], torch.Tensor):
             batch[name] = items
@@ -280,7 +295,8 @@ class PrefetchLoader:
             self.position = 0
 
     def _load(self, pending: Any) -> Any:
-        batch = self.make_batch(list(pending.result()))
+        samples = pending.result()
+        batch = self.make_batch(samples if isinstance(samples, list) else list(samples))
         if self.pin_memory and isinstance(batch, dict):
             batch = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         return batch

@@ -153,7 +153,7 @@ def test_a_deleted_shard_is_refused_naming_its_samples_then_stage1_writes_only_i
     line = error_line(capsys)
     assert "array buckets/1/image_latents: its file c/1/0/0/0 is missing" in line
     assert "samples 7, 8, 10, 11 (rows 4-7)" in line and "which writes only the missing shards again" in line
-    for reader in ("tensorstore", "zarr"):  # never trains on the zeros zarr reads for a missing file
+    for reader in ("direct", "tensorstore", "zarr"):  # never trains on the zeros zarr reads for a missing file
         assert train(copy, tmp_path / f"o-{reader}") == 2
         assert "array buckets/1/image_latents: its file c/1/0/0/0 is missing" in error_line(capsys)
     caplog.set_level("INFO", logger="autosplit")
@@ -190,7 +190,7 @@ def test_a_flipped_digest_byte_is_a_checksum_error(cache, tmp_path, capsys):
     assert "array index/image_sha256 of samples 0-15 fails its checksum" in error_line(capsys)
 
 
-@pytest.mark.parametrize("reader", ["tensorstore", "zarr"])
+@pytest.mark.parametrize("reader", ["direct", "tensorstore", "zarr"])
 @pytest.mark.parametrize(
     ("rel", "how", "message"),
     [
