@@ -207,11 +207,14 @@ class CacheConfig:
     path: str = ""
     #: samples per shard file; a shard is the unit of resumption and of parallel writing
     shard_size: int = 64
-    zstd_level: int = 1
+    #: zstd level of the cached values (0: stored uncompressed, crc32c only: the fastest reads;
+    #: bf16 compresses ~1.3x, docs/cache-format.md)
+    zstd_level: int = 0
     #: samples of one shape bucket encoded together in stage 1 (1 is bit-exact to unsplit training)
     batch_size: int = 1
-    #: hot read path of stage 2: "tensorstore" (fast, async) or "zarr" (zarr-python, the reference)
-    reader: str = "tensorstore"
+    #: hot read path of stage 2: "direct" (the shard files read straight into batches), "tensorstore"
+    #: (its async reads) or "zarr" (zarr-python, the reference)
+    reader: str = "direct"
     #: cache K variants of each sample's random augmentations (seeded by sample and variant) so
     #: the VAE stays in stage 1; stage 2 picks one per sample per epoch. 0: augment in stage 2
     variants: int = 0
@@ -457,7 +460,7 @@ def validate(config: RunConfig) -> list[str]:
         ),
         ("plan.train_tflops", config.plan.train_tflops >= 0, "must be 0 (the measured default) or positive"),
         ("cache.batch_size", config.cache.batch_size >= 1, "must be at least 1"),
-        ("cache.reader", config.cache.reader in ("tensorstore", "zarr"), "must be tensorstore or zarr"),
+        ("cache.reader", config.cache.reader in ("direct", "tensorstore", "zarr"), "must be direct, tensorstore, zarr"),
         (
             "model.dtype",
             config.model.dtype in ("auto", "float32", "bfloat16", "float16"),

@@ -422,9 +422,9 @@ def test_seed_flags_set_the_right_keys():
         "cache": {
             "path": "/cache",
             "shard_size": 64,
-            "zstd_level": 1,
+            "zstd_level": 0,
             "batch_size": 1,
-            "reader": "tensorstore",
+            "reader": "direct",
             "variants": 3,
             "log_every_s": 30.0,
         },
