@@ -7,6 +7,7 @@
 #   bash bench/gpu/memory_placement.sh              # GPU host, ~8 min (wheels in .gpuwheels)
 #   PART=2 bash bench/gpu/memory_placement.sh       # bit-for-bit swap vs none, fp8 output and loss, timing
 #   PART=compile bash bench/gpu/memory_placement.sh # eager vs train.compile=blocks, uncapped (issue 16)
+#   PART=validation bash bench/gpu/memory_placement.sh  # validation images under a 48 GiB cap (issue 13)
 #   SMOKE=1 bash bench/gpu/memory_placement.sh      # a small folder on the CPU, here
 set -uo pipefail
 OUT=${OUT:-/tmp/memory_placement_out}
@@ -44,7 +45,7 @@ run() {  # NAME CAP_GIB [autosplit flags]: one stage-2 run under a cap (empty: u
     $PY -m autosplit run --cache_path "$SHM/cache" --output_path "/tmp/mp-runs/$name" "${COMMON[@]}" "$@" \
     > "/tmp/mp-runs/$name.log" 2>&1
   echo "exit $?" >> "/tmp/mp-runs/$name.log"
-  grep -E "placement|budget|stage 2 stats|error|exit" "/tmp/mp-runs/$name.log" | tee -a "$OUT/runs.log"
+  grep -E "placement|budget|stage 2 stats|validation|error|exit" "/tmp/mp-runs/$name.log" | tee -a "$OUT/runs.log"
   $PY bench/gpu/memory_placement.py collect /tmp/mp-runs "$OUT/results.json" ${BASE:-} > /dev/null 2>&1
 }
 
@@ -55,6 +56,13 @@ if [ -n "${SMOKE:-}" ]; then
     $PY bench/gpu/memory_placement.py fp8diff "$SHM/qwen" "$OUT/fp8_difference.json" 2>&1 | tail -1
     DET=1 run 3-det "" --blocks_to_swap 2; run 4-fp8 "" --base_precision fp8
   fi
+elif [ "${PART:-1}" = validation ]; then
+  # validation images during stage 2 under a 48 GiB cap (issue 13): where the decoder runs, a round's cost
+  VAL=(--validation_prompt "a photo of a red fox in a snowy forest, golden hour"
+       --validation_prompt "a watercolor painting of a lighthouse on a cliff" --validation_steps 5)
+  run 0-val-cap48 48 --vram_budget 48 --blocks_to_swap auto "${VAL[@]}"
+  run 1-val-cap48-cpu-decoder 48 --vram_budget 48 --blocks_to_swap auto "${VAL[@]}" --set train.validation_decoder_device=cpu
+  mkdir -p "$OUT/samples" && cp /tmp/mp-runs/0-val-cap48/samples/step-10/00.png "$OUT/samples/step10-00.png" 2>/dev/null
 elif [ "${PART:-1}" = compile ]; then
   # regional compilation through `autosplit run` (issue 16): the same run eager and compiled, and
   # compiled again under a 48 GiB cap with the planner's prediction judged
