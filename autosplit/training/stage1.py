@@ -34,6 +34,7 @@ from autosplit.graph import Unit, UnitContext, UnitGraph, run_units
 from autosplit.plan import Plan
 from autosplit.planning.stages import stage_units
 from autosplit.storage.cache import (
+    Bucket,
     CacheReader,
     CacheWriter,
     make_buckets,
@@ -41,6 +42,17 @@ from autosplit.storage.cache import (
 )
 from autosplit.storage.codec import encode_source
 from autosplit.training.placement import ComponentSource
+from autosplit.training.stage1_pipeline import (
+    Batch,
+    Decoder,
+    PhaseTimes,
+    Writer,
+    combine,
+    cuda_events,
+    decode_workers,
+    split_host_units,
+    to_host,
+)
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +82,18 @@ def compute_samples(
     """
     values = run_units(units, sample_sources(samples), ctx)
     _check_presence(values, names, absent, samples)
+    return split_samples(values, names, samples, ragged=ragged, to_cpu=to_cpu)
+
+
+def split_samples(
+    values: Mapping[str, Any],
+    names: list[str],
+    samples: list[Sample],
+    *,
+    ragged: Mapping[str, int] | None,
+    to_cpu: bool,
+) -> list[dict[str, torch.Tensor]]:
+    """Each sample's values in `names` from a batch's `values` (see `compute_samples`)."""
     out = []
     for j in range(len(samples)):
         item = {name: values[name][j] for name in names}
@@ -343,95 +367,158 @@ def format_seconds(seconds: float) -> str:
 
 
 def _write_shards(job: Stage1Job, writer: CacheWriter, target: _Target, *, rank: int, world: int) -> None:
-    samples = job.samples
-    shard_size, batch_size = writer.shard_size, job.cache.batch_size
     mine = [(b, k) for g, (b, k) in enumerate(writer.shards) if g % world == rank and not writer.shard_done(b.id, k)]
     log.info("stage 1, process %d of %d: %d shards to write", rank, world, len(mine))
     if not mine:
         return
-    produce = _producer(job, target.reuse, batch_size)
-    shard_seconds, shard_samples = [], []
     desc = "stage 1: caching" if world == 1 else f"stage 1, process {rank} of {world}: caching"
-    with Progress(
-        total=sum(len(range(*b.shards(shard_size)[k])) for b, k in mine),
-        desc=desc,
-        unit="sample",
-        every_s=job.cache.log_every_s,
-    ) as progress:
-        for bucket, shard in mine:
-            tick = time.perf_counter()
-            lo, hi = bucket.shards(shard_size)[shard]
-            outputs = produce([samples[i] for i in bucket.samples[lo:hi]], on_samples=progress.update)
-            _guard_disk(writer.path, functools.partial(writer.write_shard, bucket, shard, outputs))
-            _synchronize(job.models.device)
-            shard_seconds.append(time.perf_counter() - tick)
-            shard_samples.append(hi - lo)
+    times = PhaseTimes()
+    sizes = {(b.id, k): len(range(*b.shards(writer.shard_size)[k])) for b, k in mine}
+    with Progress(total=sum(sizes.values()), desc=desc, unit="sample", every_s=job.cache.log_every_s) as progress:
+        tick = time.perf_counter()
+        stage = _Stage(job, target.reuse, world=world)
+        first_s = stage.run(mine, writer, progress=progress.update, times=times)
+        seconds = time.perf_counter() - tick
     cut = truncation_report()
     if cut:
         log.warning("stage 1: %s", cut)
-    # encode + write time, models already loaded; the first shard carries the warm-up
-    log.info(
-        "stage 1 stats %s",
-        json.dumps(
-            {
-                "rank": rank,
-                "world_size": world,
-                "shards": len(mine),
-                "samples": sum(shard_samples),
-                "seconds": sum(shard_seconds),
-                "first_shard_samples": shard_samples[0],
-                "first_shard_seconds": shard_seconds[0],
-            }
-        ),
-    )
+    stats = {
+        "rank": rank,
+        "world_size": world,
+        "shards": len(mine),
+        "samples": sum(sizes.values()),
+        "encoded": stage.encoded,
+        "seconds": round(seconds, 3),  # encode + write, models loaded; the first shard carries the warm-up
+        "first_shard_samples": sizes[mine[0][0].id, mine[0][1]],
+        "first_shard_seconds": round(first_s if first_s is not None else seconds, 3),
+        "batch_size": stage.batch_size,
+        "decode_workers": stage.workers,
+        #: seconds per phase, summed over the threads that run it (docs/benchmarks.md says which)
+        "phases_s": times.as_dict(),
+    }
+    log.info("stage 1: %s", _summary(stats))
+    log.info("stage 1 stats %s", json.dumps(stats))
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+def _summary(stats: Mapping[str, Any]) -> str:
+    """Where stage 1's time went, in words."""
+    phases, seconds = stats["phases_s"], stats["seconds"]
+    parts = [f"{name.replace('_', ' ')} {value:.1f}s" for name, value in phases.items() if value >= 0.05]
+    rate = stats["samples"] / seconds if seconds > 0 else float("inf")
+    return f"{stats['samples']} samples in {seconds:.1f}s ({rate:.3g} samples/s); " + ", ".join(parts)
 
 
-def _producer(job: Stage1Job, reuse: Path | None, batch_size: int) -> Callable[..., list[dict[str, torch.Tensor]]]:
-    """A function from one shard's samples to their stage-1 outputs: copied from `reuse` where its
-    cache holds the same source digest, computed (in batches of `batch_size`) otherwise. It calls
-    `on_samples(n)` as each n samples are done (copied, or one encoded batch), for the progress."""
-    plan, samples = job.plan, job.samples
-    units, ctx = stage_context(plan, job.graph, models=job.models, unit_settings=job.unit_settings)
-    if any(u.replays for u in plan.units) and batch_size != 1:
-        log.info("stage 1 runs one sample at a time: a split unit records its random part per sample")
-        batch_size = 1
-    names = [v.name for v in plan.cached]
-    ragged = {v.name: v.ragged_axis for v in plan.cached if v.ragged_axis is not None}
-    old, where = None, {}
-    if reuse is not None:
-        old = CacheReader(reuse)
-        where = {bytes(sha): i for i, sha in enumerate(old.group["index/source_sha256"][...])}
+@torch.no_grad()
+def encode_batch(stage: _Stage, samples: list[Sample], decoded: list[dict[str, Any]]) -> dict[str, Any]:
+    """Run the stage-1 units after the host ones on one batch of decoded samples (one shape
+    bucket); returns the values, on the device. Raises CacheError as `compute_samples` does."""
+    values = combine(decoded)
+    if values is None:  # the host units' values do not stack: run every unit on the batch
+        values = run_units(stage.host + stage.rest, sample_sources(samples), stage.ctx)
+    else:
+        values = run_units(stage.rest, values, stage.ctx)
+    _check_presence(values, stage.names, stage.plan.absent, samples)
+    return values
 
-    def produce(shard: list[Sample], *, on_samples: Callable[[int], None]) -> list[dict[str, torch.Tensor]]:
-        digests = [source_digest(s).source if old is not None else b"" for s in shard]
-        out: list[dict[str, torch.Tensor] | None] = [
-            old.read(where[d]) if old is not None and d in where else None for d in digests
-        ]
-        todo = [j for j, o in enumerate(out) if o is None]
-        if len(todo) < len(shard):
-            on_samples(len(shard) - len(todo))
-        for lo in range(0, len(todo), batch_size):
-            part = todo[lo : lo + batch_size]
-            for j, values in zip(
-                part,
-                compute_samples(
-                    units, [shard[j] for j in part], ctx, names, to_cpu=True, ragged=ragged, absent=plan.absent
-                ),
-            ):
-                out[j] = values
-            on_samples(len(part))
-        return out  # type: ignore[return-value]
 
-    if old is not None:
-        log.info(
-            "updating cache %s: %d of %d samples are unchanged and copied",
-            reuse,
-            sum(source_digest(s).source in where for s in samples),
-            len(samples),
+class _Stage:
+    """Stage 1 of one process: its units (the host ones split off), context, batch size and
+    the older cache to copy unchanged samples from; `run` writes shards through the pipeline."""
+
+    def __init__(self, job: Stage1Job, reuse: Path | None, *, world: int):
+        self.job, self.plan, self.samples = job, job.plan, job.samples
+        units, self.ctx = stage_context(self.plan, job.graph, models=job.models, unit_settings=job.unit_settings)
+        self.batch_size = job.cache.batch_size
+        if any(u.replays for u in self.plan.units) and self.batch_size != 1:
+            log.info("stage 1 runs one sample at a time: a split unit records its random part per sample")
+            self.batch_size = 1
+        self.host, self.rest = split_host_units(units, self.samples[0].sources())
+        self.names = [v.name for v in self.plan.cached]
+        self.ragged = {v.name: v.ragged_axis for v in self.plan.cached if v.ragged_axis is not None}
+        self.workers, self.encoded = decode_workers(world), 0
+        self.old, self.where = None, {}
+        if reuse is not None:
+            self.old = CacheReader(reuse)
+            self.where = {bytes(sha): i for i, sha in enumerate(self.old.group["index/source_sha256"][...])}
+            log.info(
+                "updating cache %s: %d of %d samples are unchanged and copied",
+                reuse,
+                sum(source_digest(s).source in self.where for s in self.samples),
+                len(self.samples),
+            )
+
+    def _shards(self, mine: list[tuple[Bucket, int]], shard_size: int) -> list[tuple[Any, list[Sample], list[int]]]:
+        """(key, samples, positions to encode) of each shard to write; the others are copied."""
+        out = []
+        for bucket, k in mine:
+            lo, hi = bucket.shards(shard_size)[k]
+            shard = [self.samples[i] for i in bucket.samples[lo:hi]]
+            todo = [j for j, s in enumerate(shard) if self.old is None or source_digest(s).source not in self.where]
+            out.append(((bucket.id, k), shard, todo))
+        return out
+
+    def run(
+        self, mine: list[tuple[Bucket, int]], writer: CacheWriter, *, progress: Callable[[int], None], times: PhaseTimes
+    ) -> float | None:
+        """Write the shards `mine`; returns the seconds until the first one was written."""
+        shards = self._shards(mine, writer.shard_size)
+        buckets = {b.id: b for b, _ in mine}
+        events = cuda_events(self.job.models.device)
+
+        def write(key: Any, outputs: list[dict[str, torch.Tensor]]) -> None:
+            shard_times: dict[str, float] = {}
+            write_one = functools.partial(writer.write_shard, buckets[key[0]], key[1], outputs, times=shard_times)
+            _guard_disk(writer.path, write_one)
+            times.add("checksum_compress", shard_times.get("encode_s", 0.0))
+            times.add("write", shard_times.get("write_s", 0.0))
+
+        out = Writer(
+            sizes={key: len(shard) for key, shard, _ in shards},
+            split=lambda b: split_samples(b.values or {}, self.names, b.samples, ragged=self.ragged, to_cpu=True),
+            write=write,
+            on_samples=progress,
+            times=times,
+            depth=max(2, writer.shard_size // self.batch_size),
         )
-    return produce
+        decoder = Decoder(
+            self.host,
+            self.ctx,
+            [shard[j] for _, shard, todo in shards for j in todo],
+            workers=self.workers,
+            lookahead=2 * self.batch_size + self.workers,
+            times=times,
+        )
+        try:
+            for key, shard, todo in shards:
+                self._copy(key, shard, todo, out, times)
+                for lo in range(0, len(todo), self.batch_size):
+                    part = todo[lo : lo + self.batch_size]
+                    out.put(self._encode(key, part, [shard[j] for j in part], decoder, events, times))
+            out.close()
+        except BaseException:
+            out.abort()
+            raise
+        finally:
+            decoder.close()
+        return out.first_shard_s
+
+    def _copy(self, key: Any, shard: list[Sample], todo: list[int], out: Writer, times: PhaseTimes) -> None:
+        encoded = set(todo)
+        copied = [j for j in range(len(shard)) if j not in encoded]
+        if copied and self.old is not None:
+            with times.timed("copy_unchanged"):
+                outputs = [self.old.read(self.where[source_digest(shard[j]).source]) for j in copied]
+            out.put(Batch(key, copied, [shard[j] for j in copied], outputs=outputs))
+
+    def _encode(
+        self, key: Any, part: list[int], samples: list[Sample], decoder: Decoder, events: Any, times: PhaseTimes
+    ) -> Batch:
+        decoded = [decoder.next() for _ in part]
+        with times.timed("encode"):
+            start = events() if events else None
+            values = encode_batch(self, samples, decoded)
+            encoded = events() if events else None
+            values = to_host(values, self.names)  # on CUDA: copies in flight, `ready` once done
+            ready = events() if events else None
+        self.encoded += len(part)
+        return Batch(key, part, samples, values=values, ready=ready, events=(start, encoded))

@@ -165,15 +165,15 @@ def test_one_command_run_updates_only_the_changed_samples(tmp_path, dataset, tin
     import autosplit.training.stage1 as stage1_module
 
     computed = []
-    real = stage1_module.compute_samples
-    stage1_module.compute_samples = lambda units, samples, *a, **k: (
-        computed.extend(s.index for s in samples) or real(units, samples, *a, **k)
+    real = stage1_module.encode_batch
+    stage1_module.encode_batch = lambda stage, samples, *a, **k: (
+        computed.extend(s.index for s in samples) or real(stage, samples, *a, **k)
     )
     try:
         caplog.set_level("INFO", logger="autosplit")
         assert main(base) == 0
     finally:
-        stage1_module.compute_samples = real
+        stage1_module.encode_batch = real
     assert computed == [2]  # only the edited sample was encoded again
     assert "14 of 15 samples are unchanged and copied" in caplog.text
     fresh = tmp_path / "fresh"
