@@ -307,6 +307,10 @@ class CacheWriter:
             least = TOKEN_CHUNK if self.zstd_level else RAW_TOKEN_CHUNK
             token_chunk = min(max(least, -(-value.max_len // 64)), value.max_len)
             cap = -(-value.max_len // token_chunk) * token_chunk  # shards must hold whole inner chunks
+            if token_chunk > least and not self.zstd_level:
+                # a long cap (a recorded graph: 1 MiB) makes chunks long: zeros would pad a short row's
+                # chunk to 16 KiB on disk; zstd stores them as nothing (and reads stay direct)
+                codecs = _codecs(1)
             shape, chunks, shards = (n, cap, *rest), (1, token_chunk, *rest), (s, cap, *rest)
             self._open_or_create(f"{path}.length", shape=(n,), dtype="int64", chunks=(s,), compressors=codecs)
         else:
