@@ -453,7 +453,7 @@ def _profile_grad_step(
         out = dict(inputs)
         for unit in grad_units:
             out.update(unit(out, ctx))
-        loss = out[graph.loss]
+        loss: Any = out[graph.loss]
         loss.backward()
         del out, loss
     for component in ctx.components.values():
