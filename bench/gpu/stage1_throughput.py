@@ -109,7 +109,7 @@ def make_sd(root: Path, *, tiny: bool) -> None:
     StableDiffusionPipeline(
         **parts,
         tokenizer=tiny_parts.clip_tokenizer(),
-        scheduler=PNDMScheduler(**SD15_SCHEDULER),
+        scheduler=PNDMScheduler.from_config(SD15_SCHEDULER),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
