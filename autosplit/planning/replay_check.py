@@ -14,15 +14,6 @@ from typing import Any
 
 import torch
 
-GRAPH_FORMAT_VERSION = 1
-#: cap on a recorded graph's JSON bytes (a cached ragged value)
-MAX_GRAPH_BYTES = 1 << 20
-
-
-def frontier_name(unit: str, k: int) -> str:
-    return f"{unit}.frontier{k}"
-
-
 #: cap on a replayed graph's ops
 MAX_REPLAY_OPS = 4096
 #: elements one replayed op may return: this floor, or ELEMENT_GROWTH x the largest tensor the
