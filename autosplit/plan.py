@@ -41,6 +41,12 @@ class UnitPlacement:
     replay_late: tuple[str, ...] = ()
     stand_ins: tuple[str, ...] = ()
 
+    @property
+    def is_split(self) -> bool:
+        """Split inside: stage 1 records it one sample at a time (a unit reading a supplied input only
+        for its shape replays nothing in stage 2, but is recorded all the same)."""
+        return self.stage == 1 and bool(self.replays or self.replay_late)
+
 
 @dataclass(frozen=True)
 class CachedValue:

@@ -14,7 +14,7 @@ def stage_units(plan: Plan, graph: UnitGraph, stage: int) -> list[Unit]:
     units = []
     for placement in plan.units:
         unit = graph[placement.name]
-        if (placement.replays or placement.replay_late) and placement.stage == 1:
+        if placement.is_split:
             split = Split(placement.replays, placement.frontier, placement.replay_reads, placement.replay_late)
             if stage == 1:
                 units.append(recording_unit(unit, split, [graph[n] for n in placement.stand_ins]))

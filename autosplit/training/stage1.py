@@ -429,7 +429,7 @@ class _Stage:
         self.job, self.plan, self.samples = job, job.plan, job.samples
         units, self.ctx = stage_context(self.plan, job.graph, models=job.models, unit_settings=job.unit_settings)
         self.batch_size = job.cache.batch_size
-        if any(u.replays for u in self.plan.units) and self.batch_size != 1:
+        if any(u.is_split for u in self.plan.units) and self.batch_size != 1:
             log.info("stage 1 runs one sample at a time: a split unit records its random part per sample")
             self.batch_size = 1
         self.host, self.rest = split_host_units(units, self.samples[0].sources())

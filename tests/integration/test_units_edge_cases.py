@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from autosplit import Pipeline
-from autosplit.config import LoraConfig, TrainConfig
+from autosplit.config import CacheConfig, LoraConfig, TrainConfig
 from autosplit.errors import CacheError
 from autosplit.graph import Unit, unit
 from autosplit.storage.cache import CacheReader
@@ -156,3 +156,21 @@ def test_a_cache_made_by_an_edited_unit_is_made_again(dataset, tmp_path):
         pipe.cache(plan, samples, tmp_path / "cache")
         read.append(CacheReader(tmp_path / "cache").read(0)["feat"])
     assert not torch.equal(read[0], read[1])
+
+
+def test_a_unit_reading_the_noise_only_for_its_shape_is_recorded_one_sample_at_a_time(dataset, tmp_path):
+    def encode(values, ctx):
+        assert values["noise"].shape[-1] == 4
+        return {"feat": ctx.components["enc"](path_features(values["image_path"]))}
+
+    units = [
+        Unit("noise", ("image_path",), ("noise",), noise),
+        Unit("encode", ("image_path", "noise"), ("feat",), encode, ("enc",)),
+        Unit("loss", ("feat", "noise"), ("loss",), loss, ("net",)),
+    ]
+    pipe = pipeline(units)
+    samples = pipe.read_dataset(dataset, max_pixels=16 * 16)
+    plan = pipe.plan(pipe.profile(samples, lora=LORA))
+    assert plan.units[1].is_split and not plan.units[1].replays
+    pipe.cache(plan, samples, tmp_path / "cache", cache=CacheConfig(batch_size=3))  # recorded per sample
+    assert len(CacheReader(tmp_path / "cache")) == 3
