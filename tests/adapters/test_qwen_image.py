@@ -10,10 +10,12 @@ import torch
 from autosplit.adapters.base import get_adapter, read_model_index
 from autosplit.adapters.qwen_image import (
     QwenImageAdapter,
+    denoise,
     encode_image,
     encode_prompt,
     pack_latents,
     template_prefix_len,
+    text_mask,
     unpack_latents,
 )
 from autosplit.errors import ConfigError, ModelError
@@ -118,3 +120,40 @@ def test_prompts_keep_the_512_tokens_qwen_image_pipeline_keeps(pipe):
     torch.testing.assert_close(mine["prompt_embeds"], theirs, rtol=1e-4, atol=1e-5)
     assert mine["prompt_embeds_mask"].all()  # diffusers returns no mask when it is all ones
     assert theirs_mask is None or theirs_mask.all()
+
+
+def test_an_all_ones_text_mask_is_dropped_so_attention_may_take_flash(pipe):
+    """The transformer gets no mask when no token is padded (its processor then builds none and
+    SDPA may take the flash kernel); a padded row keeps it, and so does a fake tensor (planning)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    ones = torch.ones(2, 5, dtype=torch.long)
+    padded = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    assert text_mask(ones) is None and text_mask(None) is None
+    assert text_mask(padded) is padded
+    with FakeTensorMode() as mode:
+        fake = mode.from_tensor(ones)
+        assert text_mask(fake) is fake
+
+    transformer = pipe.transformer
+    g = torch.Generator().manual_seed(0)
+    values = {
+        "noisy_latents": torch.randn(2, 16, 4, 4, generator=g),
+        "timestep": torch.tensor([500.0, 250.0]),
+        "prompt_embeds": torch.randn(2, 5, transformer.config.joint_attention_dim, generator=g),
+    }
+    ctx = UnitContext({"transformer": transformer}, torch.device("cpu"), torch.float32)
+    dropped = denoise({**values, "prompt_embeds_mask": ones}, ctx)["model_pred"]
+    masked = transformer(  # what the pipeline computes with the mask given
+        hidden_states=pack_latents(values["noisy_latents"]),
+        timestep=values["timestep"] / 1000,
+        encoder_hidden_states=values["prompt_embeds"],
+        encoder_hidden_states_mask=ones,
+        img_shapes=[[(1, 2, 2)]] * 2,
+        return_dict=False,
+    )[0]
+    assert torch.allclose(dropped, unpack_latents(masked, 4, 4), atol=1e-5, rtol=1e-4)
+    # with a padded row the mask is still applied: that row changes, the full one does not
+    kept = denoise({**values, "prompt_embeds_mask": padded}, ctx)["model_pred"]
+    assert torch.allclose(kept[0], dropped[0], atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(kept[1], dropped[1], atol=1e-4)
