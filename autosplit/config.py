@@ -98,14 +98,17 @@ class TrainConfig:
     #: multi-process runs: DDP looks for trainable parameters that got no gradient each step (needed
     #: when some do, e.g. LoRA on Qwen-Image's last block's text path); false skips that search
     find_unused_parameters: bool = True
-    #: let torch use cuDNN's fused attention on CUDA; off by default because its backward returns
-    #: NaN for some shapes since torch 2.11 (pytorch#196678; seen here on tiny FLUX on an H100)
-    cudnn_attention: bool = False
+    #: cuDNN's fused attention (SDPA backend) in stage 2 on CUDA: "auto" (the family's measured
+    #: choice: on for Qwen-Image, off for the others), "true" or "false". Its backward fails or
+    #: returns NaN for some shapes since torch 2.11 (pytorch#196678; full-size and tiny FLUX on an H200
+    #: and an H100); on full-size Qwen-Image it is correct and 1.03-1.27x faster (docs/benchmarks.md)
+    cudnn_attention: str = "auto"
     #: torch.compile the denoiser's repeated blocks on CUDA (diffusers' regional compilation,
-    #: `compile_repeated_blocks`): "blocks", "none", or "auto" (blocks on CUDA when the denoiser has
-    #: repeated blocks and none is swapped or stored in fp8). Full-size Qwen-Image on an H200: 1.49x
-    #: faster steps after a ~32 s first step (profiles/gpu/step_speed-h200.json, docs/benchmarks.md)
-    compile: str = "none"
+    #: `compile_repeated_blocks`): "auto" (blocks on CUDA when the denoiser has repeated blocks,
+    #: Triton is installed and no block is swapped or stored in fp8), "blocks" or "none". Full-size
+    #: Qwen-Image and FLUX.1-dev on an H200: 1.35-1.75x faster steps after a 17-35 s first step
+    #: (bench/gpu/step_speed.py, docs/benchmarks.md)
+    compile: str = "auto"
     #: when the progress bar is not shown (stderr is not a terminal, e.g. a log file): log step,
     #: steps/s, loss and ETA every this many seconds (0: every step)
     log_every_s: float = 30.0
@@ -369,6 +372,8 @@ def _coerce(key: str, value: Any, kind: type) -> Any:
 
 #: other spellings of `train.resume`'s values (TOML's true/false, --set train.resume=true)
 _RESUME_ALIASES = {"true": "yes", "false": "no", "1": "yes", "0": "no", "on": "yes", "off": "no"}
+#: other spellings of `train.cudnn_attention`'s values
+_SWITCH_ALIASES = {"yes": "true", "no": "false", "1": "true", "0": "false", "on": "true", "off": "false"}
 
 
 def apply_overrides(config: RunConfig, overrides: dict[str, Any], *, origin: str) -> list[str]:
@@ -387,6 +392,8 @@ def apply_overrides(config: RunConfig, overrides: dict[str, Any], *, origin: str
             value = _coerce(key, value, _field_type(target, name))
             if key == "train.resume":
                 value = _RESUME_ALIASES.get(value.strip().lower(), value.strip().lower())
+            elif key == "train.cudnn_attention":
+                value = _SWITCH_ALIASES.get(value.strip().lower(), value.strip().lower())
             setattr(target, name, value)
         except ValueError as exc:
             problems.append(f"{origin}: {exc}")
@@ -476,6 +483,8 @@ def validate(config: RunConfig) -> list[str]:
 
 #: `train.compile` values
 COMPILE = ("none", "blocks", "auto")
+#: `train.cudnn_attention` values
+SWITCH = ("auto", "true", "false")
 
 
 def _choice(key: str, value: str, choices: tuple[str, ...], flag: str) -> list[str]:
@@ -494,6 +503,7 @@ def trainer_problems(train: TrainConfig, *, device: str = "auto") -> list[str]:
     problems += _choice("train.timestep_sampling", train.timestep_sampling, TIMESTEP_SAMPLING, "--timestep_sampling")
     problems += _choice("train.report_to", train.report_to, REPORT_TO, "--report_to")
     problems += _choice("train.compile", train.compile, COMPILE, "--set train.compile=...")
+    problems += _choice("train.cudnn_attention", train.cudnn_attention, SWITCH, "--set train.cudnn_attention=...")
     if train.weighting_scheme in ("logit_normal", "mode"):
         problems.append(
             f"train.weighting_scheme={train.weighting_scheme!r} is a timestep sampling here: diffusers' "

@@ -217,8 +217,9 @@ def test_wandb_asked_for_and_not_installed_is_one_line(capsys, tmp_path):
     ]
 
 
-def test_train_compile_chooses_regional_compilation_only_where_it_was_measured():
+def test_train_compile_chooses_regional_compilation_only_where_it_was_measured(monkeypatch):
     import torch
+    import torch.utils._triton
 
     from autosplit.errors import ConfigError
     from autosplit.training.placement import WeightPlacement
@@ -232,6 +233,10 @@ def test_train_compile_chooses_regional_compilation_only_where_it_was_measured()
 
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     plain, swapped = WeightPlacement(), WeightPlacement(blocks_to_swap=2, block_lists=("b",))
+    monkeypatch.setattr(torch.utils._triton, "has_triton", lambda: False)
+    assert not compiles_blocks("auto", Blocks(), device=cuda, placement=plain)  # nothing to compile with
+    assert compiles_blocks("blocks", Blocks(), device=cuda, placement=plain)
+    monkeypatch.setattr(torch.utils._triton, "has_triton", lambda: True)
     assert compiles_blocks("auto", Blocks(), device=cuda, placement=plain)
     assert not compiles_blocks("auto", Blocks(), device=cpu, placement=plain)
     assert not compiles_blocks("auto", Blocks(), device=cuda, placement=swapped)
@@ -241,3 +246,25 @@ def test_train_compile_chooses_regional_compilation_only_where_it_was_measured()
     assert not compiles_blocks("auto", plain_module, device=cuda, placement=plain)
     with pytest.raises(ConfigError, match=r"train.compile=blocks: Linear declares no repeated blocks"):
         compiles_blocks("blocks", plain_module, device=cpu, placement=plain)
+
+
+def test_cudnn_attention_auto_is_the_familys_measured_choice(capsys):
+    from autosplit.adapters.base import get_adapter
+    from autosplit.config import RunConfig, apply_overrides, validate
+    from autosplit.training.trainer import uses_cudnn_attention
+
+    assert uses_cudnn_attention("auto", get_adapter("qwen_image"))
+    assert not uses_cudnn_attention("auto", get_adapter("flux"))
+    assert not uses_cudnn_attention("auto", object())  # a code adapter says nothing: off
+    assert uses_cudnn_attention("true", get_adapter("flux"))
+    assert not uses_cudnn_attention("false", get_adapter("qwen_image"))
+    config = RunConfig()
+    assert config.train.cudnn_attention == "auto" and config.train.compile == "auto"
+    for given, value in ((True, "true"), ("off", "false"), ("AUTO", "auto")):
+        assert apply_overrides(config, {"train.cudnn_attention": given}, origin="--set") == []
+        assert config.train.cudnn_attention == value
+    apply_overrides(config, {"train.cudnn_attention": "sometimes"}, origin="--set")
+    assert any(
+        p == "train.cudnn_attention='sometimes' is not one of auto, true, false (--set train.cudnn_attention=...)"
+        for p in validate(config)
+    )

@@ -238,8 +238,8 @@ def train(
     )
     device = accelerator.device
     check_optimizer_device(cfg, device)
-    if device.type == "cuda" and not cfg.cudnn_attention:
-        torch.backends.cuda.enable_cudnn_sdp(False)  # see train.cudnn_attention
+    if device.type == "cuda":
+        torch.backends.cuda.enable_cudnn_sdp(uses_cudnn_attention(cfg.cudnn_attention, models.adapter))
     placement = weight_placement(plan, models.adapter, trained[0])
     with _out_of_memory_as_error(plan, device, stage="loading the models"):
         components = models.load(
@@ -261,6 +261,12 @@ def train(
         swapper = place_denoiser(components[trained[0]], placement, device=device)
         if compiles_blocks(cfg.compile, components[trained[0]], device=device, placement=placement):
             components[trained[0]].compile_repeated_blocks(fullgraph=False)  # compiled at the first step
+            logging.getLogger(__name__).info(  # (`log` is the step log in this function)
+                "stage 2: torch.compile of %s's repeated blocks (train.compile=%s): the first step compiles "
+                "them (tens of seconds), the others run faster",
+                trained[0],
+                cfg.compile,
+            )
     settings_of_step = {**unit_settings, **step_settings(cfg)}
     check_step_settings(graph, components.get("scheduler"), settings_of_step)
     optimizer = make_optimizer(params, cfg)
@@ -500,8 +506,8 @@ def _hparams(train: TrainConfig, lora: LoraConfig) -> dict[str, Any]:
 def compiles_blocks(mode: str, model: Any, *, device: torch.device, placement: Any) -> bool:
     """Whether stage 2 compiles the denoiser's repeated blocks (`train.compile`): "blocks" always
     (ConfigError for a model without diffusers' `_repeated_blocks`), "auto" on CUDA when it has
-    them and its weights are placed plainly (no swapped block, no fp8: hooks and custom autograd
-    functions inside a compiled block are not measured), "none" never."""
+    them, Triton is there to compile with and its weights are placed plainly (no swapped block, no
+    fp8: hooks and custom autograd functions inside a compiled block are not measured), "none" never."""
     repeated = bool(getattr(model, "_repeated_blocks", None)) and hasattr(model, "compile_repeated_blocks")
     if mode == "blocks" and not repeated:
         raise ConfigError(
@@ -509,8 +515,19 @@ def compiles_blocks(mode: str, model: Any, *, device: torch.device, placement: A
             f"(diffusers' _repeated_blocks); use train.compile=none"
         )
     if mode == "auto":
-        return repeated and device.type == "cuda" and not placement.on_host_first
+        from torch.utils._triton import has_triton
+
+        return repeated and device.type == "cuda" and not placement.on_host_first and has_triton()
     return mode == "blocks"
+
+
+def uses_cudnn_attention(mode: str, adapter: Any) -> bool:
+    """Whether stage 2 lets SDPA take cuDNN's attention (`train.cudnn_attention`): "auto" where the
+    family's adapter measured it correct and faster (`cudnn_attention = True`: Qwen-Image), else
+    as given."""
+    if mode == "auto":
+        return bool(getattr(adapter, "cudnn_attention", False))
+    return mode == "true"
 
 
 def _planned_steps(loader: PrefetchLoader, *, done: int, num_epochs: int, max_steps: int, accumulation: int) -> int:
