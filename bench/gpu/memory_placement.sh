@@ -6,7 +6,7 @@
 #
 #   bash bench/gpu/memory_placement.sh              # GPU host, ~8 min (wheels in .gpuwheels)
 #   PART=2 bash bench/gpu/memory_placement.sh       # bit-for-bit swap vs none, fp8 output and loss, timing
-#   PART=compile bash bench/gpu/memory_placement.sh # eager vs train.compile=blocks, uncapped (issue 16)
+#   PART=compile [BEFORE=DIR] bash bench/gpu/memory_placement.sh  # step speed: before, eager, compiled (issue 16)
 #   PART=validation bash bench/gpu/memory_placement.sh  # validation images under a 48 GiB cap (issue 13)
 #   SMOKE=1 bash bench/gpu/memory_placement.sh      # a small folder on the CPU, here
 set -uo pipefail
@@ -40,8 +40,9 @@ tail -3 /tmp/mp-runs/stage1.txt | tee -a "$OUT/runs.log"
 run() {  # NAME CAP_GIB [autosplit flags]: one stage-2 run under a cap (empty: uncapped)
   local name=$1 cap=$2; shift 2
   say "run $name (cap ${cap:-none}) $*"
-  AUTOSPLIT_GPU_CAP_GIB=$cap AUTOSPLIT_DETERMINISTIC=${DET:-} CUBLAS_WORKSPACE_CONFIG=${DET:+:4096:8} \
-  PYTHONPATH=$PWD/bench/gpu/cap:${PYTHONPATH:-$PWD} timeout "${RUN_TIMEOUT:-170}" \
+  # CUBLAS_WORKSPACE_CONFIG only with DET: set but empty, torch warns at every cuBLAS call
+  AUTOSPLIT_GPU_CAP_GIB=$cap AUTOSPLIT_DETERMINISTIC=${DET:-} PYTHONPATH=$PWD/bench/gpu/cap:${PYTHONPATH:-$PWD} \
+  env ${DET:+CUBLAS_WORKSPACE_CONFIG=:4096:8} timeout "${RUN_TIMEOUT:-170}" \
     $PY -m autosplit run --cache_path "$SHM/cache" --output_path "/tmp/mp-runs/$name" "${COMMON[@]}" "$@" \
     > "/tmp/mp-runs/$name.log" 2>&1
   echo "exit $?" >> "/tmp/mp-runs/$name.log"
@@ -64,11 +65,18 @@ elif [ "${PART:-1}" = validation ]; then
   run 1-val-cap48-cpu-decoder 48 --vram_budget 48 --blocks_to_swap auto "${VAL[@]}" --set train.validation_decoder_device=cpu
   mkdir -p "$OUT/samples" && cp /tmp/mp-runs/0-val-cap48/samples/step-10/00.png "$OUT/samples/step10-00.png" 2>/dev/null
 elif [ "${PART:-1}" = compile ]; then
-  # regional compilation through `autosplit run` (issue 16): the same run eager and compiled, and
-  # compiled again under a 48 GiB cap with the planner's prediction judged
-  run 0-eager ""
-  run 1-compiled "" --set train.compile=blocks
-  run 2-compiled-cap48 48 --vram_budget 48 --set train.compile=blocks
+  # the training step's speed through `autosplit run` (issue 16), STEPS each (20 for the loss
+  # curves): BEFORE=DIR runs DIR's autosplit package first (the code before issue 16's changes:
+  # Qwen-Image's all-ones text mask passed, flash attention impossible), then today's code eager,
+  # compiled (train.compile=blocks), compiled with cuDNN attention, and compiled under a 48 GiB cap
+  # with the planner's prediction judged (QUICK=1: eager and compiled with cuDNN only). PYTHONSAFEPATH
+  # keeps the working directory off sys.path, so PYTHONPATH decides which autosplit runs
+  export PYTHONSAFEPATH=1
+  if [ -n "${BEFORE:-}" ]; then PYTHONPATH=$BEFORE:${PYTHONPATH:-} run 0-before ""; fi
+  run 1-eager ""
+  if [ -z "${QUICK:-}" ]; then run 2-compiled "" --set train.compile=blocks; fi
+  run 3-compiled-cudnn "" --set train.compile=blocks --set train.cudnn_attention=true
+  if [ -z "${QUICK:-}" ]; then run 4-compiled-cap48 48 --vram_budget 48 --set train.compile=blocks; fi
 elif [ "${PART:-1}" = 2 ]; then
   BASE=--base=f-uncapped
   # bit-for-bit: deterministic algorithms on, unswapped vs 47 blocks swapped; fp8: output and loss
