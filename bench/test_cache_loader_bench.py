@@ -26,8 +26,9 @@ from safetensors.torch import load_file, save_file
 from tiny_dit import TinyDiT, train_step
 
 from autosplit.plan import CachedValue, Plan, UnitPlacement
-from autosplit.storage.cache import CacheWriter, DirectReader, TensorStoreReader, describe_cache, make_buckets
+from autosplit.storage.cache import CacheWriter, describe_cache, make_buckets
 from autosplit.storage.loader import PrefetchLoader, collate
+from autosplit.storage.readers import DirectReader, TensorStoreReader
 
 NUM_SAMPLES = int(os.environ.get("BENCH_NUM_SAMPLES", "1000"))
 SHARD_SIZE, BATCH_SIZE, NUM_WORKERS, PREFETCH = 64, 4, 2, 4

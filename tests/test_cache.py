@@ -14,12 +14,11 @@ from autosplit.storage.cache import (
     CACHE_FORMAT_VERSION,
     CacheReader,
     CacheWriter,
-    DirectReader,
-    TensorStoreReader,
     cache_status,
     make_buckets,
     read_manifest,
 )
+from autosplit.storage.readers import DirectReader, TensorStoreReader
 
 PLAN = Plan(
     pipeline="t",

@@ -15,8 +15,9 @@ import zarr
 
 from autosplit.errors import CacheError
 from autosplit.plan import CachedValue, Plan, UnitPlacement
-from autosplit.storage.cache import CacheReader, CacheWriter, DirectReader, TensorStoreReader, make_buckets
+from autosplit.storage.cache import CacheReader, CacheWriter, make_buckets
 from autosplit.storage.loader import collate
+from autosplit.storage.readers import DirectReader, TensorStoreReader
 from autosplit.storage.shards import EMPTY, BufferPool, ShardError, layout_of, write_file
 
 PLAN = Plan(

@@ -31,9 +31,9 @@ from autosplit.errors import CheckpointError, ConfigError, TrainingError
 from autosplit.graph import UnitContext, UnitGraph, run_units
 from autosplit.plan import Plan
 from autosplit.planning.stages import stage_units
-from autosplit.storage.cache import open_reader
 from autosplit.storage.codec import decode_sources
 from autosplit.storage.loader import PrefetchLoader, collate, to_device
+from autosplit.storage.readers import open_reader
 from autosplit.tasks import check_step_settings, step_settings
 from autosplit.training.checkpoint import (
     TrainState,

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from autosplit.cli import main
-from autosplit.storage.cache import CacheReader, DirectReader, TensorStoreReader
+from autosplit.storage.cache import CacheReader
+from autosplit.storage.readers import DirectReader, TensorStoreReader
 
 
 @pytest.fixture(scope="module")
