@@ -372,7 +372,7 @@ def add_plan_parser(subparsers: Any) -> None:
 
 
 def plan_command(args: argparse.Namespace) -> int:
-    from autosplit.planning.planner import replace_predicted
+    from autosplit.planning.memory import replace_predicted
     from autosplit.planning.profile import Profile
     from autosplit.planning.report import plan_html, plan_table, with_budget
     from autosplit.workflow.profiling import plan_run

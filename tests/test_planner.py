@@ -373,7 +373,7 @@ BLOCK = {
 
 def placed_plan(*, split: bool = True, **request) -> dict:
     """`place_memory` on a plan predicted like full-size Qwen-Image's stage 2 (43.25 GiB)."""
-    from autosplit.planning.planner import MemoryRequest, place_memory
+    from autosplit.planning.memory import MemoryRequest, place_memory
 
     predicted = {
         "stage2_peak_bytes": int(43.25 * GIB),
@@ -397,7 +397,7 @@ def placed_plan(*, split: bool = True, **request) -> dict:
 
 @pytest.mark.parametrize("budget", [48, 24, 16, 12, 8])
 def test_auto_swaps_the_fewest_blocks_that_fit_and_is_the_fastest_that_fits(budget):
-    from autosplit.planning.planner import MemoryRequest, _estimate, reserved_bytes
+    from autosplit.planning.memory import MemoryRequest, _estimate, reserved_bytes
 
     placed = placed_plan(blocks_to_swap="auto", vram_budget_bytes=budget * GIB)
     predicted = {
@@ -441,7 +441,7 @@ def test_no_split_is_judged_by_its_own_peak():
 
 
 def test_the_budget_verdict_is_of_the_run_about_to_be_done():
-    from autosplit.planning.planner import MemoryRequest, place_memory
+    from autosplit.planning.memory import MemoryRequest, place_memory
     from autosplit.planning.report import plan_summary, with_budget
 
     predicted = {
@@ -507,7 +507,7 @@ def test_a_plan_without_block_measurements_keeps_the_count_it_was_given():
 
 
 def test_the_step_model_hides_copies_behind_compute_until_bandwidth_is_short():
-    from autosplit.planning.planner import block_uses, swap_step_seconds
+    from autosplit.planning.memory import block_uses, swap_step_seconds
 
     uses = block_uses(4)
     compute = [1.0] * len(uses)

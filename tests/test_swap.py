@@ -11,7 +11,7 @@ from diffusers import QwenImageTransformer2DModel
 
 from autosplit.adapters.qwen_image import QwenImageAdapter
 from autosplit.config import LoraConfig
-from autosplit.planning.planner import block_uses, spread_blocks, swap_window
+from autosplit.planning.memory import block_uses, spread_blocks, swap_window
 from autosplit.training.lora import make_trainable
 from autosplit.training.placement import WeightPlacement, place_denoiser, repeated_blocks
 from autosplit.training.swap import BlockSwapper, SwapEvent, frozen_tensors

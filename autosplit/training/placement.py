@@ -16,7 +16,7 @@ from autosplit.adapters.base import Adapter, read_model_index
 from autosplit.adapters.components import load_components
 from autosplit.errors import ConfigError
 from autosplit.plan import Plan
-from autosplit.planning.planner import SWAP_SLOTS, spread_blocks
+from autosplit.planning.memory import SWAP_SLOTS, spread_blocks
 from autosplit.training.precision import store_fp8
 from autosplit.training.swap import BlockSwapper
 

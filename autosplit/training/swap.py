@@ -5,7 +5,7 @@ Each swapped block's frozen parameters and buffers are laid out in one host buff
 `cudaHostRegister` on CUDA, so a copy is one DMA at full bandwidth and no power-of-two rounding of
 torch's pinned allocator doubles the host RAM). The device holds a fixed number of slots, each the
 size of the largest swapped block. A forward pre-hook on every repeated block drives the schedule
-of `autosplit.planning.planner.swap_window`: at each block use (the forward, and the backward's
+of `autosplit.planning.memory.swap_window`: at each block use (the forward, and the backward's
 recompute under gradient checkpointing) the swapped blocks outside the window give up their slots,
 and the window's missing blocks are copied into free slots on a side CUDA stream. Events order
 the two streams: a copy waits until compute has left the slot's previous block (`free`), compute
@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from autosplit.planning.planner import SWAP_SLOTS, block_uses, swap_window
+from autosplit.planning.memory import SWAP_SLOTS, block_uses, swap_window
 
 log = logging.getLogger(__name__)
 

@@ -27,16 +27,15 @@ from autosplit.data import Sample, aspect_buckets, read_dataset
 from autosplit.errors import ConfigError
 from autosplit.graph import UnitGraph
 from autosplit.plan import Plan
-from autosplit.planning.planner import (
+from autosplit.planning.memory import (
     DEFAULT_H2D_BYTES_PER_S,
     DEFAULT_TRAIN_FLOPS_PER_S,
     MemoryRequest,
-    add_validation,
-    make_plan,
     place_memory,
     replace_predicted,
     reserved_bytes,
 )
+from autosplit.planning.planner import add_validation, make_plan
 from autosplit.planning.profile import Profile
 from autosplit.tasks import TASK_COLUMNS, build_graph, graph_layouts
 from autosplit.training.placement import ComponentSource

@@ -37,7 +37,7 @@ def args_fake(flags: str) -> bool:
 def table_for(flags: str) -> str:
     """The plan table of `autosplit plan <flags>`, profiled fake (full size when --fake is given)."""
     from autosplit.cli import _profile
-    from autosplit.planning.planner import replace_predicted
+    from autosplit.planning.memory import replace_predicted
     from autosplit.planning.report import with_budget
     from autosplit.workflow.profiling import plan_run
 

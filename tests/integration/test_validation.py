@@ -271,7 +271,7 @@ def test_a_prompts_file_adds_its_lines(tmp_path):
 
 def test_the_plan_counts_the_decoder_where_it_runs(tiny_model, tiny_dataset):
     from autosplit.config import load_config
-    from autosplit.planning.planner import reserved_bytes
+    from autosplit.planning.memory import reserved_bytes
     from autosplit.workflow.profiling import plan_profile
     from autosplit.workflow.session import open_session
 
