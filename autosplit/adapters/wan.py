@@ -142,15 +142,20 @@ def encode_video(values: Mapping[str, Any], ctx: UnitContext) -> dict[str, Any]:
     return {"image_latents": ((z - mean) / std).to(ctx.dtype)}  # B,16,F',h,w
 
 
+def decode_normalized(vae: Any, latents: torch.Tensor) -> torch.Tensor:
+    """Normalized latents (B,16,F',h,w) -> the decoded clip in [-1, 1] (B,3,F,H,W), the VAE's
+    latents_mean/std undone as WanPipeline does (and QwenImagePipeline: the same video VAE)."""
+    shape = (1, vae.config.z_dim, 1, 1, 1)
+    mean = torch.tensor(vae.config.latents_mean).view(shape).to(latents.device, latents.dtype)
+    inverse_std = 1.0 / torch.tensor(vae.config.latents_std).view(shape).to(latents.device, latents.dtype)
+    return vae.decode(latents / inverse_std + mean, return_dict=False)[0]
+
+
 def decode_image(values: Mapping[str, Any], ctx: UnitContext) -> dict[str, Any]:
     """Normalized latents (B,16,F',h,w) -> the first frame of the clip in [-1, 1], as WanPipeline
     decodes them."""
     vae = ctx.components["vae"]
-    latents = values["latents"].to(ctx.device, vae.dtype)
-    shape = (1, vae.config.z_dim, 1, 1, 1)
-    mean = torch.tensor(vae.config.latents_mean).view(shape).to(latents.device, latents.dtype)
-    inverse_std = 1.0 / torch.tensor(vae.config.latents_std).view(shape).to(latents.device, latents.dtype)
-    return {"image": vae.decode(latents / inverse_std + mean, return_dict=False)[0][:, :, 0]}
+    return {"image": decode_normalized(vae, values["latents"].to(ctx.device, vae.dtype))[:, :, 0]}
 
 
 def vae_scale_factor(vae_config: Any) -> int:
