@@ -98,16 +98,18 @@ class TrainConfig:
     #: multi-process runs: DDP looks for trainable parameters that got no gradient each step (needed
     #: when some do, e.g. LoRA on Qwen-Image's last block's text path); false skips that search
     find_unused_parameters: bool = True
-    #: cuDNN's fused attention (SDPA backend) in stage 2 on CUDA: "auto" (the family's measured
-    #: choice: on for Qwen-Image, off for the others), "true" or "false". Its backward fails or
-    #: returns NaN for some shapes since torch 2.11 (pytorch#196678; full-size and tiny FLUX on an H200
-    #: and an H100); on full-size Qwen-Image it is correct and 1.03-1.27x faster (docs/benchmarks.md)
-    cudnn_attention: str = "auto"
-    #: torch.compile the denoiser's repeated blocks on CUDA (diffusers' regional compilation,
-    #: `compile_repeated_blocks`): "auto" (blocks on CUDA when the denoiser has repeated blocks,
-    #: Triton is installed and no block is swapped or stored in fp8), "blocks" or "none". Full-size
-    #: Qwen-Image and FLUX.1-dev on an H200: 1.35-1.75x faster steps after a 17-35 s first step
-    #: (bench/gpu/step_speed.py, docs/benchmarks.md)
+    #: cuDNN's fused attention (SDPA backend) in stage 2 on CUDA, for every model stage 2 runs:
+    #: "false" (the default), "true", or "auto" (the family's measured choice: on for Qwen-Image,
+    #: whose full-size denoiser it made 1.25x faster eager and 1.27x compiled on an H200). Off by
+    #: default: its backward fails or returns NaN for some shapes since torch 2.11 (pytorch#196678;
+    #: full-size FLUX.1-dev on an H200, tiny FLUX on an H100), and a text encoder or VAE stage 2
+    #: runs too was not measured with it (docs/benchmarks.md)
+    cudnn_attention: str = "false"
+    #: torch.compile the denoiser's repeated blocks (diffusers' regional compilation,
+    #: `compile_repeated_blocks`): "auto" (where measured: on CUDA with Triton, sft LoRA of a family
+    #: whose adapter opts in (Qwen-Image, FLUX), no block swapped or stored in fp8), "blocks"
+    #: (always) or "none". Full-size Qwen-Image and FLUX.1-dev on an H200: 1.35-1.75x faster steps
+    #: after a 17-35 s first step (bench/gpu/step_speed.py, docs/benchmarks.md)
     compile: str = "auto"
     #: when the progress bar is not shown (stderr is not a terminal, e.g. a log file): log step,
     #: steps/s, loss and ETA every this many seconds (0: every step)

@@ -374,7 +374,7 @@ def test_seed_flags_set_the_right_keys():
             "checkpoints_kept": 2,
             "resume": "no",
             "find_unused_parameters": True,
-            "cudnn_attention": "auto",
+            "cudnn_attention": "false",
             "compile": "auto",
             "log_every_s": 30.0,
             "blocks_to_swap": "auto",

@@ -221,6 +221,7 @@ def test_train_compile_chooses_regional_compilation_only_where_it_was_measured(m
     import torch
     import torch.utils._triton
 
+    from autosplit.adapters.base import get_adapter
     from autosplit.errors import ConfigError
     from autosplit.training.placement import WeightPlacement
     from autosplit.training.trainer import compiles_blocks
@@ -233,22 +234,32 @@ def test_train_compile_chooses_regional_compilation_only_where_it_was_measured(m
 
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     plain, swapped = WeightPlacement(), WeightPlacement(blocks_to_swap=2, block_lists=("b",))
+    fp8 = WeightPlacement(base_precision="fp8", block_lists=("b",))
+    qwen, sd = get_adapter("qwen_image"), get_adapter("sd")
+
+    def auto(device=cuda, placement=plain, adapter=qwen, measured_run=True, model=None):
+        return compiles_blocks(
+            "auto", model or Blocks(), device=device, placement=placement, adapter=adapter, measured_run=measured_run
+        )
+
     monkeypatch.setattr(torch.utils._triton, "has_triton", lambda: False)
-    assert not compiles_blocks("auto", Blocks(), device=cuda, placement=plain)  # nothing to compile with
+    assert not auto()  # nothing to compile with
     assert compiles_blocks("blocks", Blocks(), device=cuda, placement=plain)
     monkeypatch.setattr(torch.utils._triton, "has_triton", lambda: True)
-    assert compiles_blocks("auto", Blocks(), device=cuda, placement=plain)
-    assert not compiles_blocks("auto", Blocks(), device=cpu, placement=plain)
-    assert not compiles_blocks("auto", Blocks(), device=cuda, placement=swapped)
+    assert auto() and auto(adapter=get_adapter("flux"))
+    assert not auto(device=cpu)
+    assert not auto(placement=swapped) and not auto(placement=fp8)
+    assert not auto(adapter=sd) and not auto(adapter=None)  # not measured: SD's UNet, a code adapter
+    assert not auto(measured_run=False)  # direct_distill, full fine-tuning: not measured
     assert compiles_blocks("blocks", Blocks(), device=cpu, placement=swapped)
     assert not compiles_blocks("none", Blocks(), device=cuda, placement=plain)
     plain_module = torch.nn.Linear(2, 2)
-    assert not compiles_blocks("auto", plain_module, device=cuda, placement=plain)
+    assert not auto(model=plain_module)
     with pytest.raises(ConfigError, match=r"train.compile=blocks: Linear declares no repeated blocks"):
         compiles_blocks("blocks", plain_module, device=cpu, placement=plain)
 
 
-def test_cudnn_attention_auto_is_the_familys_measured_choice(capsys):
+def test_cudnn_attention_auto_is_the_familys_measured_choice():
     from autosplit.adapters.base import get_adapter
     from autosplit.config import RunConfig, apply_overrides, validate
     from autosplit.training.trainer import uses_cudnn_attention
@@ -259,8 +270,8 @@ def test_cudnn_attention_auto_is_the_familys_measured_choice(capsys):
     assert uses_cudnn_attention("true", get_adapter("flux"))
     assert not uses_cudnn_attention("false", get_adapter("qwen_image"))
     config = RunConfig()
-    assert config.train.cudnn_attention == "auto" and config.train.compile == "auto"
-    for given, value in ((True, "true"), ("off", "false"), ("AUTO", "auto")):
+    assert config.train.cudnn_attention == "false" and config.train.compile == "auto"
+    for given, value in ((True, "true"), (False, "false"), ("off", "false"), ("AUTO", "auto"), ("yes", "true")):
         assert apply_overrides(config, {"train.cudnn_attention": given}, origin="--set") == []
         assert config.train.cudnn_attention == value
     apply_overrides(config, {"train.cudnn_attention": "sometimes"}, origin="--set")

@@ -259,7 +259,14 @@ def train(
             )
         ]
         swapper = place_denoiser(components[trained[0]], placement, device=device)
-        if compiles_blocks(cfg.compile, components[trained[0]], device=device, placement=placement):
+        if compiles_blocks(
+            cfg.compile,
+            components[trained[0]],
+            device=device,
+            placement=placement,
+            adapter=models.adapter,
+            measured_run=plan.task == "sft" and not lora.full_finetune,
+        ):
             components[trained[0]].compile_repeated_blocks(fullgraph=False)  # compiled at the first step
             logging.getLogger(__name__).info(  # (`log` is the step log in this function)
                 "stage 2: torch.compile of %s's repeated blocks (train.compile=%s): the first step compiles "
@@ -503,11 +510,15 @@ def _hparams(train: TrainConfig, lora: LoraConfig) -> dict[str, Any]:
     return {**{f"train.{k}": v for k, v in vars(train).items()}, **{f"lora.{k}": v for k, v in vars(lora).items()}}
 
 
-def compiles_blocks(mode: str, model: Any, *, device: torch.device, placement: Any) -> bool:
+def compiles_blocks(
+    mode: str, model: Any, *, device: torch.device, placement: Any, adapter: Any = None, measured_run: bool = True
+) -> bool:
     """Whether stage 2 compiles the denoiser's repeated blocks (`train.compile`): "blocks" always
-    (ConfigError for a model without diffusers' `_repeated_blocks`), "auto" on CUDA when it has
-    them, Triton is there to compile with and its weights are placed plainly (no swapped block, no
-    fp8: hooks and custom autograd functions inside a compiled block are not measured), "none" never."""
+    (ConfigError for a model without diffusers' `_repeated_blocks`), "none" never, "auto" where it
+    was measured: on CUDA with Triton, for a family whose adapter says `compile_blocks = True`
+    (Qwen-Image, FLUX), in a run like the measured ones (`measured_run`: sft, LoRA), with the
+    weights placed plainly (no swapped block, no fp8: hooks and custom autograd functions inside
+    a compiled block are not measured)."""
     repeated = bool(getattr(model, "_repeated_blocks", None)) and hasattr(model, "compile_repeated_blocks")
     if mode == "blocks" and not repeated:
         raise ConfigError(
@@ -517,14 +528,15 @@ def compiles_blocks(mode: str, model: Any, *, device: torch.device, placement: A
     if mode == "auto":
         from torch.utils._triton import has_triton
 
-        return repeated and device.type == "cuda" and not placement.on_host_first and has_triton()
+        measured = bool(getattr(adapter, "compile_blocks", False)) and measured_run
+        return repeated and measured and device.type == "cuda" and not placement.on_host_first and has_triton()
     return mode == "blocks"
 
 
 def uses_cudnn_attention(mode: str, adapter: Any) -> bool:
-    """Whether stage 2 lets SDPA take cuDNN's attention (`train.cudnn_attention`): "auto" where the
-    family's adapter measured it correct and faster (`cudnn_attention = True`: Qwen-Image), else
-    as given."""
+    """Whether stage 2 lets SDPA take cuDNN's attention (`train.cudnn_attention`, process-wide:
+    every model stage 2 runs): "auto" where the family's adapter measured it correct and faster for
+    its denoiser (`cudnn_attention = True`: Qwen-Image), else as given."""
     if mode == "auto":
         return bool(getattr(adapter, "cudnn_attention", False))
     return mode == "true"

@@ -31,8 +31,11 @@ say "build"
 $PY bench/gpu/memory_placement.py build "$SHM/qwen" ${SMOKE:+--small} 2>&1 | tee -a "$OUT/runs.log" || exit 1
 $PY bench/gpu/memory_placement.py dataset /tmp/mp-data --size $IMAGE 2>&1 | tail -2
 if [ -z "${SMOKE:-}" ]; then $PY bench/gpu/memory_placement.py bandwidth "$OUT/bandwidth.json" 2>&1 | tee -a "$OUT/runs.log"; fi
+# eager with cuDNN attention off, as issue 11's runs were measured (train.compile defaults to auto
+# since issue 16); the compile part's runs override these (a later --set wins)
 COMMON=(--model_paths "$SHM/qwen" --dataset_base_path /tmp/mp-data --use_gradient_checkpointing --lora_rank 32
-        --seed 0 --max_steps "$STEPS" --dataset_repeat 8 --set data.num_workers=1)
+        --seed 0 --max_steps "$STEPS" --dataset_repeat 8 --set data.num_workers=1
+        --set train.compile=none --set train.cudnn_attention=false)
 say "stage 1"
 $PY -m autosplit run --task sft:data_process --output_path "$SHM/cache" "${COMMON[@]}" > /tmp/mp-runs/stage1.txt 2>&1
 tail -3 /tmp/mp-runs/stage1.txt | tee -a "$OUT/runs.log"

@@ -307,6 +307,8 @@ def main(argv: list[str] | None = None) -> int:
         "--lora_rank",
         "32",
         "--use_gradient_checkpointing",
+        "--set",  # eager, as the step times before train.compile defaulted to auto were measured
+        "train.compile=none",
         *(["--device", "cpu"] if args.cpu else []),
     ]
     for n, launch in ((2, two), (1, one)):

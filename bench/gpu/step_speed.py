@@ -10,13 +10,16 @@ with 141 text tokens, FLUX.1-dev with T5's 512 and guidance), LoRA attached by a
 checkpointing), AdamW as the trainer makes it. Variants, in this order (compilation cannot be
 undone, so the eager ones come first), each from the same LoRA start and the same inputs:
 
-- `eager`: cuDNN attention off (the trainer's default, `train.cudnn_attention = false`), the text
+- `eager`: cuDNN attention off (`train.cudnn_attention = false`, the default), the text
   mask passed as diffusers' pipeline passes it (all ones: Qwen-Image's processor then builds a
   joint boolean mask, and SDPA cannot take its flash kernel);
 - `eager_cudnn`: cuDNN attention on;
 - `eager_nomask`, `eager_nomask_cudnn`: without the all-ones mask (what autosplit's Qwen-Image
   adapter passes since issue 16), flash or cuDNN attention;
 - `compiled*`: the same after `compile_repeated_blocks` (torch.compile of each transformer block).
+  Dynamo does not guard on the SDPA backend flags (the backend is fixed when a graph is traced),
+  so a compiled variant whose cuDNN setting differs from the last one's compiles again
+  (`torch._dynamo.reset()`); its first step includes that.
 
 FLUX has no text mask, so its `*nomask*` variants are left out. For each: the first step's seconds
 (compilation included), the median of the others, the achieved TFLOP/s (the step's FLOPs counted by
@@ -264,12 +267,17 @@ def main() -> None:
             result["breakdown_eager_nomask"] = breakdown(model, params, unmasked)
             print(json.dumps({"breakdown_eager_nomask": result["breakdown_eager_nomask"]}), flush=True)
     variants: dict[str, Any] = {}
+    traced_with: bool | None = None  # the cuDNN setting the compiled graphs were traced with
     for name, use_cudnn, compiled, nomask in VARIANTS:
         if (args.only and name not in args.only.split(",")) or (nomask and not masked):
             continue
         if compiled and "compiled" not in result:
             model.compile_repeated_blocks(fullgraph=False)
             result["compiled"] = True
+        if compiled and traced_with is not None and traced_with != use_cudnn:
+            torch._dynamo.reset()  # trace again: the graphs hold the backend chosen when traced
+        if compiled:
+            traced_with = use_cudnn
         if device.type == "cuda":
             cudnn(use_cudnn)
             torch.cuda.reset_peak_memory_stats()

@@ -103,7 +103,7 @@ def main() -> None:
         "--timing", action="store_true", help="flash attention, no determinism: time resident vs swapped"
     )
     args = parser.parse_args()
-    torch.backends.cuda.enable_cudnn_sdp(False)  # autosplit's default (train.cudnn_attention)
+    torch.backends.cuda.enable_cudnn_sdp(False)  # autosplit's default (train.cudnn_attention=false)
     if args.timing:
         runs = [train(args.layers, n, args.steps, args.image_tokens) for n in (0, args.swap)]
         result = {

@@ -126,6 +126,7 @@ def test_an_all_ones_text_mask_is_dropped_so_attention_may_take_flash(pipe):
     """The transformer gets no mask when no token is padded (its processor then builds none and
     SDPA may take the flash kernel); a padded row keeps it, and so does a fake tensor (planning)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils._python_dispatch import TorchDispatchMode
 
     ones = torch.ones(2, 5, dtype=torch.long)
     padded = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
@@ -134,6 +135,8 @@ def test_an_all_ones_text_mask_is_dropped_so_attention_may_take_flash(pipe):
     with FakeTensorMode() as mode:
         fake = mode.from_tensor(ones)
         assert text_mask(fake) is fake
+    with TorchDispatchMode():  # a profiler tracing the unit: it sees the unit as written
+        assert text_mask(ones) is ones
 
     transformer = pipe.transformer
     g = torch.Generator().manual_seed(0)
@@ -143,7 +146,16 @@ def test_an_all_ones_text_mask_is_dropped_so_attention_may_take_flash(pipe):
         "prompt_embeds": torch.randn(2, 5, transformer.config.joint_attention_dim, generator=g),
     }
     ctx = UnitContext({"transformer": transformer}, torch.device("cpu"), torch.float32)
-    dropped = denoise({**values, "prompt_embeds_mask": ones}, ctx)["model_pred"]
+    given = []
+    spy = transformer.register_forward_pre_hook(
+        lambda _m, _a, kwargs: given.append(kwargs["encoder_hidden_states_mask"]), with_kwargs=True
+    )
+    try:
+        dropped = denoise({**values, "prompt_embeds_mask": ones}, ctx)["model_pred"]
+        kept = denoise({**values, "prompt_embeds_mask": padded}, ctx)["model_pred"]
+    finally:
+        spy.remove()
+    assert given[0] is None and given[1] is padded
     masked = transformer(  # what the pipeline computes with the mask given
         hidden_states=pack_latents(values["noisy_latents"]),
         timestep=values["timestep"] / 1000,
@@ -154,6 +166,5 @@ def test_an_all_ones_text_mask_is_dropped_so_attention_may_take_flash(pipe):
     )[0]
     assert torch.allclose(dropped, unpack_latents(masked, 4, 4), atol=1e-5, rtol=1e-4)
     # with a padded row the mask is still applied: that row changes, the full one does not
-    kept = denoise({**values, "prompt_embeds_mask": padded}, ctx)["model_pred"]
     assert torch.allclose(kept[0], dropped[0], atol=1e-5, rtol=1e-4)
     assert not torch.allclose(kept[1], dropped[1], atol=1e-4)
