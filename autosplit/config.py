@@ -106,9 +106,9 @@ class TrainConfig:
     #: runs too was not measured with it (docs/benchmarks.md)
     cudnn_attention: str = "false"
     #: torch.compile the denoiser's repeated blocks (diffusers' regional compilation,
-    #: `compile_repeated_blocks`): "auto" (where measured: on CUDA with Triton, sft LoRA of a family
-    #: whose adapter opts in (Qwen-Image, FLUX), no block swapped or stored in fp8), "blocks"
-    #: (always) or "none". Full-size Qwen-Image and FLUX.1-dev on an H200: 1.35-1.75x faster steps
+    #: `compile_repeated_blocks`): "auto" (where measured: on CUDA with Triton, sft LoRA with gradient
+    #: checkpointing of a family whose adapter opts in (Qwen-Image, FLUX), no block swapped or stored
+    #: in fp8), "blocks" (always) or "none". Full-size Qwen-Image and FLUX.1-dev on an H200: 1.35-1.75x faster steps
     #: after a 17-35 s first step (bench/gpu/step_speed.py, docs/benchmarks.md)
     compile: str = "auto"
     #: when the progress bar is not shown (stderr is not a terminal, e.g. a log file): log step,

@@ -250,7 +250,8 @@ def test_train_compile_chooses_regional_compilation_only_where_it_was_measured(m
     assert not auto(device=cpu)
     assert not auto(placement=swapped) and not auto(placement=fp8)
     assert not auto(adapter=sd) and not auto(adapter=None)  # not measured: SD's UNet, a code adapter
-    assert not auto(measured_run=False)  # direct_distill, full fine-tuning: not measured
+    assert not auto(measured_run=False)  # direct_distill, full fine-tuning, no checkpointing: not measured
+    assert not compiles_blocks("auto", Blocks(), device=cuda, placement=plain, adapter=qwen)  # unsaid: not measured
     assert compiles_blocks("blocks", Blocks(), device=cpu, placement=swapped)
     assert not compiles_blocks("none", Blocks(), device=cuda, placement=plain)
     plain_module = torch.nn.Linear(2, 2)

@@ -501,7 +501,7 @@ def test_a_plan_without_block_measurements_keeps_the_count_it_was_given():
         pipeline="p",
         task="sft",
         trainable=("transformer",),
-        memory=__import__("autosplit.planning.planner", fromlist=["MemoryRequest"]).MemoryRequest(blocks_to_swap="3"),
+        memory=__import__("autosplit.planning.memory", fromlist=["MemoryRequest"]).MemoryRequest(blocks_to_swap="3"),
     ).predicted["placement"]
     assert placements["blocks_to_swap"] == 3 and placements["swapped"] is None and placements["predicted"] is False
 

@@ -265,7 +265,7 @@ def train(
             device=device,
             placement=placement,
             adapter=models.adapter,
-            measured_run=plan.task == "sft" and not lora.full_finetune,
+            measured_run=plan.task == "sft" and not lora.full_finetune and cfg.gradient_checkpointing,
         ):
             components[trained[0]].compile_repeated_blocks(fullgraph=False)  # compiled at the first step
             logging.getLogger(__name__).info(  # (`log` is the step log in this function)
@@ -511,12 +511,13 @@ def _hparams(train: TrainConfig, lora: LoraConfig) -> dict[str, Any]:
 
 
 def compiles_blocks(
-    mode: str, model: Any, *, device: torch.device, placement: Any, adapter: Any = None, measured_run: bool = True
+    mode: str, model: Any, *, device: torch.device, placement: Any, adapter: Any = None, measured_run: bool = False
 ) -> bool:
     """Whether stage 2 compiles the denoiser's repeated blocks (`train.compile`): "blocks" always
     (ConfigError for a model without diffusers' `_repeated_blocks`), "none" never, "auto" where it
     was measured: on CUDA with Triton, for a family whose adapter says `compile_blocks = True`
-    (Qwen-Image, FLUX), in a run like the measured ones (`measured_run`: sft, LoRA), with the
+    (Qwen-Image, FLUX), in a run like the measured ones (`measured_run`: sft LoRA with gradient
+    checkpointing), with the
     weights placed plainly (no swapped block, no fp8: hooks and custom autograd functions inside
     a compiled block are not measured)."""
     repeated = bool(getattr(model, "_repeated_blocks", None)) and hasattr(model, "compile_repeated_blocks")
