@@ -22,8 +22,9 @@ import shutil
 import subprocess
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+
+from synthetic_images import make_dataset  # bench/gpu/, beside this script
 
 #: name: (text-encoder layers, DiT layers, samples, image side, shard size, stage-2 steps)
 SIZES = {
@@ -87,29 +88,9 @@ def make_model(root: Path, size: str, *, cpu: bool) -> None:
     pipe.save_pretrained(root)
 
 
-def _write_image(args: tuple[Path, int, int]) -> tuple[str, str]:
-    import numpy as np
-    from PIL import Image
-
-    root, i, side = args
-    rng = np.random.default_rng(i)
-    y, x = np.mgrid[0:side, 0:side] / side
-    a, b, c = rng.uniform(1, 12, size=3)
-    channels = [np.sin(a * x + b * y + k) * np.cos(c * x * y - k) for k in range(3)]  # smooth: decodes fast
-    pixels = ((np.stack(channels, -1) * 0.5 + 0.5) * 255).astype(np.uint8)
-    name = f"{i:05d}.png"
-    Image.fromarray(pixels).save(root / name, compress_level=1)
-    return name, f"sample {i}: waves {a:.1f} {b:.1f} {c:.1f} in red, green and blue"
-
-
-def make_dataset(root: Path, *, num_samples: int, side: int) -> None:
-    import csv
-
-    root.mkdir(parents=True, exist_ok=True)
-    with ProcessPoolExecutor(min(16, os.cpu_count() or 1)) as pool:
-        rows = list(pool.map(_write_image, [(root, i, side) for i in range(num_samples)]))
-    with (root / "metadata.csv").open("w", newline="") as f:
-        csv.writer(f).writerows([("image", "prompt"), *rows])
+def _prompt(i: int, waves: tuple[float, float, float]) -> str:
+    a, b, c = waves
+    return f"sample {i}: waves {a:.1f} {b:.1f} {c:.1f} in red, green and blue"
 
 
 # --- running commands ----------------------------------------------------------------------------
@@ -235,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     if r.run("make_model", [*me, "--make-model", str(model)], need_s=30, env=env) is None:
         return 1
     tick = time.monotonic()
-    make_dataset(data, num_samples=num_samples, side=side)
+    make_dataset(data, num_samples=num_samples, side=side, prompt=_prompt)
     r.results["phases"]["make_dataset"] = {"status": "ok", "wall_s": round(time.monotonic() - tick, 2)}
     common = [
         "--model_paths",

@@ -28,8 +28,9 @@ import os
 import shutil
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+
+from synthetic_images import make_dataset  # bench/gpu/, beside this script
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -117,30 +118,9 @@ def make_sd(root: Path, *, tiny: bool) -> None:
     torch.set_default_dtype(torch.float32)
 
 
-def _write_image(args: tuple[Path, int, int]) -> tuple[str, str]:
-    import numpy as np
-    from PIL import Image
-
-    root, i, side = args
-    rng = np.random.default_rng(i)
-    y, x = np.mgrid[0:side, 0:side] / side
-    a, b, c = rng.uniform(1, 12, size=3)
-    channels = [np.sin(a * x + b * y + k) * np.cos(c * x * y - k) for k in range(3)]
-    pixels = ((np.stack(channels, -1) * 0.5 + 0.5) * 255).astype(np.uint8)
-    name = f"{i:05d}.png"
-    Image.fromarray(pixels).save(root / name, compress_level=1)
-    words = [WORDS[(i * 7 + k) % len(WORDS)] for k in range(100)]
-    return name, f"sample {i}: " + " ".join(words)
-
-
-def make_dataset(root: Path, *, num_images: int, side: int) -> None:
-    import csv
-
-    root.mkdir(parents=True, exist_ok=True)
-    with ProcessPoolExecutor(min(16, os.cpu_count() or 1)) as pool:
-        rows = list(pool.map(_write_image, [(root, i, side) for i in range(num_images)]))
-    with (root / "metadata.csv").open("w", newline="") as f:
-        csv.writer(f).writerows([("image", "prompt"), *rows])
+def _prompt(i: int, _waves: tuple[float, float, float]) -> str:
+    """A long prompt (100 words), so text encoding costs what a real caption's does."""
+    return f"sample {i}: " + " ".join(WORDS[(i * 7 + k) % len(WORDS)] for k in range(100))
 
 
 # --- measuring ----------------------------------------------------------------------------------
@@ -248,7 +228,7 @@ def measure(name: str, args: argparse.Namespace, results: dict, save, start: flo
     tick = time.perf_counter()
     (make_qwen if name == "qwen" else make_sd)(root, tiny=args.tiny)
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
-    make_dataset(data, num_images=args.num_images, side=side)
+    make_dataset(data, num_samples=args.num_images, side=side, prompt=_prompt)
     pipeline = {"qwen": "qwen_image", "sd": "sd"}[name]
     job, session = open_job(root, data, args.work / f"{name}-cache", side=side, pipeline=pipeline)
     mine["setup_s"] = round(time.perf_counter() - tick, 1)
