@@ -108,8 +108,8 @@ class TrainConfig:
     #: torch.compile the denoiser's repeated blocks (diffusers' regional compilation,
     #: `compile_repeated_blocks`): "auto" (where measured: on CUDA with Triton, sft LoRA with gradient
     #: checkpointing of a family whose adapter opts in (Qwen-Image, FLUX), no block swapped or stored
-    #: in fp8), "blocks" (always) or "none". Full-size Qwen-Image and FLUX.1-dev on an H200: 1.35-1.75x faster steps
-    #: after a 17-35 s first step (bench/gpu/step_speed.py, docs/benchmarks.md)
+    #: in fp8), "blocks" (always) or "none". Full-size Qwen-Image and FLUX.1-dev on an H200:
+    #: 1.35-1.75x faster steps after a 17-35 s first step (bench/gpu/step_speed.py, docs/benchmarks.md)
     compile: str = "auto"
     #: when the progress bar is not shown (stderr is not a terminal, e.g. a log file): log step,
     #: steps/s, loss and ETA every this many seconds (0: every step)
@@ -372,10 +372,11 @@ def _coerce(key: str, value: Any, kind: type) -> Any:
     return value
 
 
-#: other spellings of `train.resume`'s values (TOML's true/false, --set train.resume=true)
-_RESUME_ALIASES = {"true": "yes", "false": "no", "1": "yes", "0": "no", "on": "yes", "off": "no"}
-#: other spellings of `train.cudnn_attention`'s values
-_SWITCH_ALIASES = {"yes": "true", "no": "false", "1": "true", "0": "false", "on": "true", "off": "false"}
+#: other spellings of the values of keys whose values are words (TOML's true/false, --set KEY=on)
+_ALIASES = {
+    "train.resume": {"true": "yes", "false": "no", "1": "yes", "0": "no", "on": "yes", "off": "no"},
+    "train.cudnn_attention": {"yes": "true", "no": "false", "1": "true", "0": "false", "on": "true", "off": "false"},
+}
 
 
 def apply_overrides(config: RunConfig, overrides: dict[str, Any], *, origin: str) -> list[str]:
@@ -392,10 +393,8 @@ def apply_overrides(config: RunConfig, overrides: dict[str, Any], *, origin: str
         target = getattr(config, owner) if owner else config
         try:
             value = _coerce(key, value, _field_type(target, name))
-            if key == "train.resume":
-                value = _RESUME_ALIASES.get(value.strip().lower(), value.strip().lower())
-            elif key == "train.cudnn_attention":
-                value = _SWITCH_ALIASES.get(value.strip().lower(), value.strip().lower())
+            if key in _ALIASES:
+                value = _ALIASES[key].get(value.strip().lower(), value.strip().lower())
             setattr(target, name, value)
         except ValueError as exc:
             problems.append(f"{origin}: {exc}")
