@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from synthetic_images import make_dataset  # bench/gpu/, beside this script
+from synthetic import make_dataset, write_qwen_folder  # bench/gpu/, beside this script
 
 #: name: (text-encoder layers, DiT layers, samples, image side, shard size, stage-2 steps)
 SIZES = {
@@ -55,37 +55,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def make_model(root: Path, size: str, *, cpu: bool) -> None:
     """Write a random-init Qwen-Image pipeline folder (diffusers layout) of `size` to `root`."""
-    import torch
-
     from autosplit.adapters.qwen_image import QwenImageAdapter
 
     text_layers, dit_layers = SIZES[size][:2]
     if text_layers is None:
         QwenImageAdapter().write_tiny(root, seed=0)
         return
-    from diffusers import (
-        AutoencoderKLQwenImage,
-        FlowMatchEulerDiscreteScheduler,
-        QwenImagePipeline,
-        QwenImageTransformer2DModel,
-    )
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-
-    from autosplit.adapters.qwen_image import FULL_SIZE_SCHEDULER, FULL_SIZE_TEXT_ENCODER, _tiny_tokenizer
-
-    config = dict(FULL_SIZE_TEXT_ENCODER)
-    config["text_config"] = {**config["text_config"], "num_hidden_layers": text_layers}
-    torch.manual_seed(0)
-    torch.set_default_dtype(torch.bfloat16)
-    with torch.device("cpu" if cpu else "cuda"):  # random init on the GPU: seconds, not minutes
-        pipe = QwenImagePipeline(
-            scheduler=FlowMatchEulerDiscreteScheduler(**FULL_SIZE_SCHEDULER),
-            vae=AutoencoderKLQwenImage(),
-            text_encoder=Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**config)),
-            tokenizer=_tiny_tokenizer(),
-            transformer=QwenImageTransformer2DModel(num_layers=dit_layers),
-        )
-    pipe.save_pretrained(root)
+    write_qwen_folder(root, text_layers=text_layers, dit_layers=dit_layers, device="cpu" if cpu else "cuda")
 
 
 def _prompt(i: int, waves: tuple[float, float, float]) -> str:

@@ -30,7 +30,7 @@ import sys
 import time
 from pathlib import Path
 
-from synthetic_images import make_dataset  # bench/gpu/, beside this script
+from synthetic import make_dataset, write_qwen_folder  # bench/gpu/, beside this script
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -60,35 +60,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def make_qwen(root: Path, *, tiny: bool) -> None:
-    import torch
-
     from autosplit.adapters.qwen_image import QwenImageAdapter
 
     if tiny:
         QwenImageAdapter().write_tiny(root, seed=0)
         return
-    from diffusers import (
-        AutoencoderKLQwenImage,
-        FlowMatchEulerDiscreteScheduler,
-        QwenImagePipeline,
-        QwenImageTransformer2DModel,
-    )
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-
-    from autosplit.adapters.qwen_image import FULL_SIZE_SCHEDULER, FULL_SIZE_TEXT_ENCODER, _tiny_tokenizer
-
-    torch.manual_seed(0)
-    torch.set_default_dtype(torch.bfloat16)
-    with torch.device("cuda"):  # random init on the GPU: seconds, not minutes
-        pipe = QwenImagePipeline(
-            scheduler=FlowMatchEulerDiscreteScheduler(**FULL_SIZE_SCHEDULER),
-            vae=AutoencoderKLQwenImage(),
-            text_encoder=Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**FULL_SIZE_TEXT_ENCODER)),
-            tokenizer=_tiny_tokenizer(),
-            transformer=QwenImageTransformer2DModel(num_layers=1),
-        )
-    pipe.save_pretrained(root)
-    torch.set_default_dtype(torch.float32)
+    write_qwen_folder(root, text_layers=None, dit_layers=1, device="cuda")
 
 
 def make_sd(root: Path, *, tiny: bool) -> None:
