@@ -517,9 +517,8 @@ def compiles_blocks(
     (ConfigError for a model without diffusers' `_repeated_blocks`), "none" never, "auto" where it
     was measured: on CUDA with Triton, for a family whose adapter says `compile_blocks = True`
     (Qwen-Image, FLUX), in a run like the measured ones (`measured_run`: sft LoRA with gradient
-    checkpointing), with the
-    weights placed plainly (no swapped block, no fp8: hooks and custom autograd functions inside
-    a compiled block are not measured)."""
+    checkpointing), with the weights placed plainly (no swapped block, no fp8: hooks and custom
+    autograd functions inside a compiled block are not measured)."""
     repeated = bool(getattr(model, "_repeated_blocks", None)) and hasattr(model, "compile_repeated_blocks")
     if mode == "blocks" and not repeated:
         raise ConfigError(
